@@ -1,0 +1,1 @@
+"""Codegen backends (installed as `flagtree.backends`); one package per backend."""

@@ -1,0 +1,65 @@
+"""Matrix products and convolution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flagtree.ir.core import Operation
+from flagtree.ir.opdef import AttrSpec, OpDef, register
+from flagtree.ir.types import TensorType, Type, broadcast_shapes
+
+
+def _infer_matmul(op: Operation) -> list[Type] | str:
+    a, b = (v.type for v in op.operands)
+    if not (isinstance(a, TensorType) and isinstance(b, TensorType)) or a.rank < 2 or b.rank < 2:
+        return f"matmul needs operands of rank >= 2, got {a} and {b}"
+    if a.dtype != b.dtype:
+        return f"matmul operands must share an element type (insert ft.cast); got {a.dtype} and {b.dtype}"
+    k1, k2 = a.shape[-1], b.shape[-2]
+    if k1 is not None and k2 is not None and k1 != k2:
+        return f"contraction dims differ: {a} @ {b}"
+    try:
+        batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        return f"batch dims of {a} and {b} do not broadcast"
+    return [TensorType((*batch, a.shape[-2], b.shape[-1]), a.dtype)]
+
+
+register(OpDef("ft.matmul", "batched matrix product a @ b (batch dims broadcast, rank >= 2)", (2, 2),
+               infer=_infer_matmul, reference=lambda args, a, rt: torch.matmul(args[0], args[1])))
+
+_CONV_ATTRS = {
+    "stride": AttrSpec((tuple,), "stride per spatial dim"),
+    "padding": AttrSpec((tuple,), "zero padding per spatial dim"),
+    "dilation": AttrSpec((tuple,), "dilation per spatial dim"),
+    "groups": AttrSpec((int,), "channel groups"),
+    "transposed": AttrSpec((bool,), "transposed (fractionally strided) convolution"),
+    "output_padding": AttrSpec((tuple,), "extra size for transposed convolution"),
+}
+
+
+def _infer_conv(op: Operation) -> list[Type] | str:
+    x, w = op.operands[0].type, op.operands[1].type
+    if not (isinstance(x, TensorType) and isinstance(w, TensorType)) or x.rank != w.rank or x.rank < 3:
+        return f"conv needs input and weight of equal rank >= 3, got {x} and {w}"
+    types = {v.type.dtype for v in op.operands if isinstance(v.type, TensorType)}
+    if len(types) != 1:
+        return "conv operands must share an element type"
+    spatial = x.rank - 2
+    for key in ("stride", "padding", "dilation", "output_padding"):
+        if len(op.attributes[key]) != spatial:
+            return f"'{key}' needs {spatial} entries"
+    return [op.results[0].type] if op.results else "conv needs a result type"
+
+
+def _conv(args: list[Any], a: dict, rt: list[Type]) -> torch.Tensor:
+    x, w, *bias = args
+    return torch.ops.aten.convolution.default(
+        x, w, bias[0] if bias else None, list(a["stride"]), list(a["padding"]), list(a["dilation"]),
+        a["transposed"], list(a["output_padding"]), a["groups"])
+
+
+register(OpDef("ft.conv", "N-d convolution (aten.convolution semantics)", (2, 3), attrs=_CONV_ATTRS,
+               infer=_infer_conv, reference=_conv, operand_doc="x, weight, optional bias"))

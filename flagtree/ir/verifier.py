@@ -1,0 +1,99 @@
+"""Check FTIR invariants; every error names the op, its location and what is wrong."""
+
+from __future__ import annotations
+
+from flagtree.errors import VerificationError
+from flagtree.ir.core import Block, Module, Operation
+from flagtree.ir.opdef import TERMINATOR, lookup
+from flagtree.ir.types import Type, types_compatible
+
+_STRUCTURAL = {"builtin.module", "func.func"}
+
+
+def verify(module: Module) -> None:
+    """Raise VerificationError for the first broken invariant in `module`."""
+    if module.op.name != "builtin.module":
+        raise VerificationError(f"top-level op must be builtin.module, not '{module.op.name}'")
+    for op in module.body.ops:
+        if op.name != "func.func":
+            _fail(op, "only func.func may appear at module level")
+        _verify_function(op)
+
+
+def _fail(op: Operation, message: str) -> None:
+    raise VerificationError(f"{op.location}: '{op.name}' op: {message}")
+
+
+def _verify_function(func: Operation) -> None:
+    if not isinstance(func.attributes.get("sym_name"), str):
+        _fail(func, "needs a string 'sym_name'")
+    if len(func.regions) != 1 or len(func.regions[0].blocks) != 1:
+        _fail(func, "needs one region with one block")
+    block = func.regions[0].block
+    if block.terminator is None or block.terminator.name != "func.return":
+        _fail(func, "body must end with func.return")
+    _verify_block(block, set())
+
+
+def _verify_block(block: Block, visible: set[int]) -> None:
+    defined = set(visible) | {id(a) for a in block.args}
+    for index, op in enumerate(block.ops):
+        for i, operand in enumerate(op.operands):
+            if id(operand) not in defined:
+                _fail(op, f"operand #{i} is used before it is defined (or defined in another scope)")
+        verify_op(op)
+        if lookup(op.name) is not None and TERMINATOR in lookup(op.name).traits and index != len(block.ops) - 1:
+            _fail(op, "is a terminator but is not last in its block")
+        for region in op.regions:
+            for inner in region.blocks:
+                _verify_block(inner, defined)
+        defined.update(id(r) for r in op.results)
+
+
+def verify_op(op: Operation) -> None:
+    """Check one op against its definition (counts, attributes, inferred types)."""
+    if op.name in _STRUCTURAL:
+        return
+    opdef = lookup(op.name)
+    if opdef is None:
+        _fail(op, "unknown op; see docs/ops.md for the FTIR op set")
+    lo, hi = opdef.operands
+    if len(op.operands) < lo or (hi is not None and len(op.operands) > hi):
+        want = str(lo) if lo == hi else f"{lo}..{'' if hi is None else hi}"
+        _fail(op, f"expects {want} operands, has {len(op.operands)}")
+    lo, hi = opdef.results
+    if len(op.results) < lo or (hi is not None and len(op.results) > hi):
+        want = str(lo) if lo == hi else f"{lo}..{'' if hi is None else hi}"
+        _fail(op, f"expects {want} results, has {len(op.results)}")
+    for key, value in op.attributes.items():
+        spec = opdef.attrs.get(key)
+        if spec is None:
+            valid = ", ".join(sorted(opdef.attrs)) or "none"
+            _fail(op, f"unknown attribute '{key}' (valid: {valid})")
+        if not _attr_matches(value, spec.kinds):
+            kinds = " or ".join(k.__name__ for k in spec.kinds)
+            _fail(op, f"attribute '{key}' must be {kinds}, got {value!r}")
+    for key, spec in opdef.attrs.items():
+        if spec.required and key not in op.attributes:
+            _fail(op, f"requires attribute '{key}' ({spec.doc})")
+    if opdef.infer is not None:
+        inferred = opdef.infer(op)
+        if isinstance(inferred, str):
+            _fail(op, inferred)
+        _check_results(op, inferred)
+
+
+def _attr_matches(value: object, kinds: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in kinds:
+        return False
+    if isinstance(value, tuple) and tuple in kinds:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, kinds)
+
+
+def _check_results(op: Operation, inferred: list[Type]) -> None:
+    if len(inferred) != len(op.results):
+        _fail(op, f"has {len(op.results)} results but its operands imply {len(inferred)}")
+    for result, expected in zip(op.results, inferred):
+        if not types_compatible(result.type, expected):
+            _fail(op, f"result #{result.index} has type {result.type}, but the operands imply {expected}")
