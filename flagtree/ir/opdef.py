@@ -8,8 +8,9 @@ folding and docs/ops.md all read these definitions, so an op is described once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from flagtree.ir.core import Operation
 from flagtree.ir.types import Type

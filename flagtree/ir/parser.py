@@ -327,3 +327,12 @@ class _Builder:
 
 def op_tree_pos(op: Operation) -> Token:
     return Token("STRING", op.name, line=op.location.line, column=op.location.col)
+
+
+def clone_module(module: Module) -> Module:
+    """A deep copy (through the text form, locations included); resources are shared."""
+    from flagtree.ir.printer import print_module
+
+    copy = parse_module(print_module(module, print_locations=True))
+    copy.resources = dict(module.resources)
+    return copy

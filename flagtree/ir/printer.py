@@ -125,4 +125,4 @@ def print_module(module: Module, print_locations: bool = False) -> str:
     return "\n".join(printer.lines) + "\n"
 
 
-__all__ = ["print_module", "print_op", "function_type", "format_location", "format_attribute"]
+__all__ = ["format_attribute", "format_location", "function_type", "print_module", "print_op"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -204,7 +205,7 @@ register(OpDef("ft.where", "cond ? x : y", (3, 3), infer=_infer_where,
                reference=_elementwise(torch.where), traits=_EW, operand_doc="cond (i1), x, y"))
 
 
-def _clamp(x: torch.Tensor, min: float | None = None, max: float | None = None) -> torch.Tensor:  # noqa: A002
+def _clamp(x: torch.Tensor, min: float | None = None, max: float | None = None) -> torch.Tensor:
     return torch.clamp(x, min=min, max=max)
 
 

@@ -11,7 +11,7 @@ from flagtree.ir.attributes import DenseAttr, ResourceAttr
 from flagtree.ir.core import Operation
 from flagtree.ir.opdef import PURE, TERMINATOR, AttrSpec, OpDef, register
 from flagtree.ir.ops._util import runtime_shape, sized_result, torch_dtype
-from flagtree.ir.types import ScalarType, TensorType, Type
+from flagtree.ir.types import ScalarType, Type
 
 
 def _infer_constant(op: Operation) -> list[Type] | str:

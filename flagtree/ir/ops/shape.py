@@ -49,7 +49,7 @@ def _infer_broadcast_to(op: Operation) -> list[Type] | str:
         return result
     out = result[0]
     try:
-        if out.dtype != x.dtype or broadcast_shapes(x.shape, out.shape) != out.shape and out.is_static:
+        if out.dtype != x.dtype or (broadcast_shapes(x.shape, out.shape) != out.shape and out.is_static):
             return f"{x} does not broadcast to {out}"
     except ValueError:
         return f"{x} does not broadcast to {out}"
