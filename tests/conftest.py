@@ -1,0 +1,23 @@
+"""Shared pytest setup: hypothesis profiles and deterministic torch state."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI replays the same examples every run so a red build is reproducible; locally,
+# hypothesis explores new inputs each time.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from a clean Dynamo cache so recompile counts are its own."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
