@@ -29,6 +29,7 @@ setup(
     },
     entry_points={
         "torch_dynamo_backends": ["flagtree = flagtree.frontend.backend:flagtree_backend"],
+        "flagtree.backends": ["reference = flagtree.backends.reference:ReferenceBackend"],
         "console_scripts": [
             "flagtree-opt = flagtree.cli.opt:main",
             "flagtree = flagtree.cli.main:main",

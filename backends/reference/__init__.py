@@ -4,6 +4,7 @@ It is the ground truth the other backends and every pass are checked against, an
 backend compiled models use until a codegen backend claims their device.
 """
 
+from flagtree.backends.reference.backend import ReferenceBackend
 from flagtree.backends.reference.executor import ReferenceExecutable, run_module
 
-__all__ = ["ReferenceExecutable", "run_module"]
+__all__ = ["ReferenceBackend", "ReferenceExecutable", "run_module"]
