@@ -89,3 +89,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def compile(self, module: Module, capabilities: Capabilities) -> Executable:
         """Turn an optimised, verified FTIR module into an executable."""
+
+    def emit_forms(self) -> tuple[str, ...]:
+        """The artifact forms `emit` can print (e.g. "mlir", "triton", "python")."""
+        return ()
+
+    def emit(self, module: Module, capabilities: Capabilities, form: str) -> str:
+        """The text of one compile artifact (`flagtree-opt --emit=FORM`) for `module`."""
+        raise NotImplementedError(f"backend '{self.name}' cannot emit '{form}'; it emits: "
+                                  f"{', '.join(self.emit_forms()) or 'nothing'}")
