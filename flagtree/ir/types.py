@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -99,7 +98,7 @@ class TensorType:
         return TensorType(self.shape, dtype)
 
 
-Type = Union[ScalarType, TensorType]
+Type = ScalarType | TensorType
 
 
 def scalar(name: str) -> ScalarType:
