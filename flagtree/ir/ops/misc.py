@@ -118,7 +118,9 @@ def unpack_args(template: Any, operands: list[Any]) -> Any:
 def _torch_call(args: list[Any], a: dict, rt: list[Type]) -> Any:
     fn = resolve_aten(a["target"])
     out = fn(*unpack_args(a["args"], args), **unpack_args(a.get("kwargs", {}), args))
-    return tuple(out) if isinstance(out, (list, tuple)) else out
+    # The op's results are its outputs in order, minus those it did not compute (None, such
+    # as a gradient convolution_backward was not asked for): those have no FTIR type.
+    return tuple(o for o in out if o is not None) if isinstance(out, (list, tuple)) else out
 
 
 register(OpDef(

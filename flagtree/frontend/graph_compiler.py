@@ -1,0 +1,143 @@
+"""Compile one aten graph: import to FTIR, run the pass pipeline, verify, hand it to a backend.
+
+With a dump folder, every stage is written to `DIR/graph_<n>_<kind>/`:
+
+    fx_graph.py      the aten graph aot_autograd produced (readable Python)
+    input.ftir       the FTIR right after import
+    passes/main/NN_<pass>_before.ftir, NN_<pass>_after.ftir   around each pass
+    output.ftir      the FTIR the backend receives
+    report.json      the graph's Report (fusions, fallbacks, op counts, pass times)
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from flagtree.backends.reference import ReferenceExecutable
+from flagtree.frontend.importer import ConstantOutput, import_graph
+from flagtree.frontend.options import CompileOptions
+from flagtree.ir.core import Module
+from flagtree.ir.opdef import FUSED, has_trait
+from flagtree.ir.printer import print_module
+from flagtree.ir.verifier import verify
+from flagtree.passes import IRPrinting, PassManager, all_passes, preset_pipeline
+from flagtree.reports import Report, record
+
+_STRUCTURE_OPS = frozenset({"builtin.module", "func.func", "func.return"})
+
+
+class CompiledGraph:
+    """What aot_autograd calls: boxed arguments in, the graph's outputs out."""
+
+    def __init__(self, executable: Any, arg_indices: list[int], outputs: list[int | ConstantOutput]):
+        # aot_autograd passes the argument list itself, which we may clear to free inputs
+        # early. An instance attribute, so wrappers that copy __dict__ (Dynamo's disable) keep it.
+        self._boxed_call = True
+        self.executable = executable
+        self.arg_indices = arg_indices
+        self.outputs = outputs
+
+    def __call__(self, args: list[Any]) -> list[Any]:
+        inputs = [args[i] for i in self.arg_indices]
+        args.clear()
+        results = self.executable(*inputs)
+        return [results[slot] if isinstance(slot, int) else slot.value for slot in self.outputs]
+
+
+@dataclass(frozen=True)
+class GraphDump:
+    """The dump folder of one graph."""
+
+    folder: Path
+
+    def clear(self) -> None:
+        """Remove what an earlier run wrote here (graph numbers restart in each process), so
+        no stale pass file sits beside this compile's."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def write(self, name: str, text: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / name).write_text(text)
+
+
+def compile_aten_graph(
+    gm: fx.GraphModule,
+    graph: str,
+    options: CompileOptions,
+    constants: dict[int, tuple[str, torch.Tensor]] | None = None,
+) -> CompiledGraph:
+    """Compile the aten graph `gm` named `graph` (e.g. `graph_0_forward`)."""
+    start = time.perf_counter()
+    dump = GraphDump(Path(options.dump_dir) / graph) if options.dump_dir else None
+    # aot_autograd calls compilers under its FakeTensorMode; FTIR constants are real tensors.
+    with unset_fake_temporarily():
+        if dump:
+            dump.clear()
+            dump.write("fx_graph.py", gm.print_readable(print_output=False))
+        imported = import_graph(gm, constants)
+        module = imported.module
+        verify(module)
+        if dump:
+            dump.write("input.ftir", print_module(module, print_locations=True))
+        pipeline = options.pipeline if options.pipeline is not None else preset_pipeline(options.opt_level)
+        pass_times = _run_pipeline(module, pipeline, options, dump)
+        verify(module)
+        if dump:
+            dump.write("output.ftir", print_module(module, print_locations=True))
+        executable = _backend_compile(module, options.backend_name)
+    report = _report(graph, module, options, pipeline, pass_times, imported.fallback_reasons, dump)
+    report.compile_seconds = time.perf_counter() - start
+    record(report)
+    if dump:
+        dump.write("report.json", report.to_json())
+    return CompiledGraph(executable, imported.arg_indices, imported.outputs)
+
+
+def _run_pipeline(module: Module, pipeline: str, options: CompileOptions, dump: GraphDump | None) -> dict[str, float]:
+    """Run `pipeline` over `module` in place; returns seconds per pass."""
+    printing = None
+    if dump:
+        printing = IRPrinting(before=frozenset(all_passes()), after_all=True, print_locations=True,
+                              tree_dir=str(dump.folder / "passes"))
+    manager = PassManager(pipeline, verify_each=options.verify_each, printing=printing,
+                          reproducer_dir=str(dump.folder) if dump else None)
+    return manager.run(module).pass_times
+
+
+def _backend_compile(module: Module, backend: str) -> Any:
+    """The backend's executable for `module` (CompileOptions has checked the name)."""
+    executables = {"reference": ReferenceExecutable}
+    return executables[backend](module)
+
+
+def _report(
+    graph: str,
+    module: Module,
+    options: CompileOptions,
+    pipeline: str,
+    pass_times: dict[str, float],
+    fallback_reasons: dict[str, str],
+    dump: GraphDump | None,
+) -> Report:
+    ops = [op for op in module.walk() if op.name not in _STRUCTURE_OPS]
+    fallbacks = Counter(op.attributes["target"].replace("::", ".") for op in ops if op.name == "ft.torch_call")
+    return Report(
+        graph=graph,
+        backend=options.backend_name,
+        pipeline=pipeline,
+        fusions=dict(Counter(op.short_name for op in ops if has_trait(op, FUSED))),
+        fallbacks=dict(fallbacks),
+        fallback_reasons={name: reason for name, reason in fallback_reasons.items() if name in fallbacks},
+        op_counts=dict(Counter(op.name for op in ops)),
+        pass_times=dict(pass_times),
+        dump_dir=str(dump.folder) if dump else None,
+    )
