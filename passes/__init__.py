@@ -3,7 +3,14 @@
 Importing this package registers every pass; pipelines name them (`canonicalize,cse`).
 """
 
-from flagtree.passes import canonicalize, cse, dce, fold  # noqa: F401  (they register themselves)
+from flagtree.passes import (  # noqa: F401  (they register themselves)
+    canonicalize,
+    cse,
+    dce,
+    fold,
+    fuse_elementwise,
+    legalize_dtypes,
+)
 from flagtree.passes.base import Pass, all_passes, get_pass, register_pass
 from flagtree.passes.manager import IRPrinting, PassManager, PipelineResult
 from flagtree.passes.pipeline import parse_pipeline, preset_pipeline
