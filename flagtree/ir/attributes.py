@@ -20,6 +20,7 @@ Attributes are plain Python values, printed as MLIR builtin attributes:
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -40,22 +41,32 @@ class DenseAttr:
         return TensorType(tuple(self.value.shape), from_torch_dtype(self.value.dtype))
 
     def __eq__(self, other: object) -> bool:
+        # Bitwise, like MLIR's attribute uniquing: 0.0 and -0.0 differ, equal NaNs match.
         return (
             isinstance(other, DenseAttr)
             and self.type == other.type
-            and bool(torch.equal(self.value, other.value) or _both_nan_equal(self.value, other.value))
+            and bool(torch.equal(_bit_view(self.value), _bit_view(other.value)))
         )
 
     def __hash__(self) -> int:
         return hash((self.type, self.value.numel()))
 
 
-def _both_nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not a.dtype.is_floating_point:
-        return False
-    return bool(torch.equal(torch.nan_to_num(a.double(), nan=0.5), torch.nan_to_num(b.double(), nan=0.5))) and bool(
-        torch.equal(a.isnan(), b.isnan())
-    )
+_BITS_DTYPES = {1: torch.bool, 8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def _bit_view(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s elements, flattened, as same-width integers, so comparisons see bit patterns."""
+    flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))  # unit stride, even for expanded tensors
+    return flat.view(_BITS_DTYPES[t.element_size() * 8]) if t.dtype.is_floating_point else flat
+
+
+@dataclass(frozen=True)
+class FloatBits:
+    """A float element of a dense literal written as its bit pattern (hex): kept exactly,
+    since converting NaN payloads and signs through Python floats is lossy."""
+
+    bits: int
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,7 @@ def escape_string(text: str) -> str:
 
 
 def unescape_string(literal: str) -> str:
-    """Decode an MLIR string literal (with its quotes)."""
+    """Decode an MLIR string literal (with its quotes); raises ValueError for a bad escape."""
     body = literal[1:-1]
     data = bytearray()
     i = 0
@@ -136,9 +147,15 @@ def unescape_string(literal: str) -> str:
             data.extend(b"\n" if nxt == "n" else b"\t")
             i += 2
         else:
-            data.append(int(body[i + 1 : i + 3], 16))
+            digits = body[i + 1 : i + 3]
+            if not re.fullmatch(r"[0-9A-Fa-f]{2}", digits):
+                raise ValueError(f"'\\{digits}' is not an escape (use \\\\, \\\", \\n, \\t or two hex digits)")
+            data.append(int(digits, 16))
             i += 3
-    return data.decode()
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ValueError("its hex escapes do not form valid UTF-8") from None
 
 
 def format_attribute(value: Attribute) -> str:
@@ -169,15 +186,25 @@ def format_attribute(value: Attribute) -> str:
 
 
 def format_attr_dict(attrs: dict[str, Attribute]) -> str:
-    return "{" + ", ".join(f"{k} = {format_attribute(attrs[k])}" for k in sorted(attrs)) + "}"
+    return "{" + ", ".join(f"{_format_key(k)} = {format_attribute(attrs[k])}" for k in sorted(attrs)) + "}"
+
+
+_BARE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_$.]*")
+
+
+def _format_key(key: str) -> str:
+    """An attribute name: bare when MLIR allows it, else a string literal."""
+    return key if _BARE_ID.fullmatch(key) else escape_string(key)
 
 
 def _format_dense(attr: DenseAttr) -> str:
     t = attr.value
     dtype = attr.type.dtype
-    flat = t.reshape(-1)
-    if flat.numel() > 0 and bool((flat == flat[0]).all()) and not (dtype.is_float and bool(flat.isnan().any())):
-        return _format_element(flat[0], dtype)
+    if t.numel() == 0:
+        return ""  # MLIR's form for every empty shape (`dense<[]>` only fits rank 1)
+    bits = _bit_view(t)
+    if bool((bits == bits[0]).all()):
+        return _format_element(t.reshape(-1)[0], dtype)
     return _format_nested(t, dtype)
 
 
@@ -195,22 +222,61 @@ def _format_element(t: torch.Tensor, dtype: ScalarType) -> str:
     value = float(t.double())
     if math.isfinite(value):
         return format_float(value)
-    return "0x" + format(_float_bits(value, dtype.name), "X").rjust(_hex_width(dtype.name), "0")
+    bits = int(_bit_view(t).item()) & ((1 << dtype.bitwidth) - 1)
+    return "0x" + format(bits, "X").rjust(_hex_width(dtype.name), "0")
 
 
 def dense_from_literal(data: Any, type_: TensorType) -> DenseAttr:
-    """Build a DenseAttr from parsed nested lists (or a splat scalar) and its type."""
-    dtype = type_.dtype.torch_dtype
+    """Build a DenseAttr from parsed nested lists, a splat scalar, or None (`dense<>`),
+    and its type.  Float elements may be `FloatBits` (hex bit patterns)."""
     shape = tuple(type_.shape)
+    if type_.dtype.name == "f4E2M1FN":
+        raise ValueError("dense f4E2M1FN data has no unpacked torch dtype; hold fp4 weights in a dense_resource")
+    if data is None:
+        if type_.numel() != 0:
+            raise ValueError(f"dense<> is only valid for an empty tensor, not {type_}")
+        return DenseAttr(torch.zeros(shape, dtype=type_.dtype.torch_dtype))
+    value = _tensor_from_nested(data, type_.dtype)
     if not isinstance(data, list):
-        value = torch.full(shape, data, dtype=torch.float64 if type_.dtype.is_float else torch.int64).to(dtype)
-    else:
-        value = torch.tensor(data, dtype=torch.float64 if type_.dtype.is_float else torch.int64).to(dtype)
-        if tuple(value.shape) != shape:
-            raise ValueError(f"dense literal has shape {list(value.shape)} but its type is {type_}")
-    if type_.dtype.name == "i1":
-        value = value.bool()
+        value = torch.empty(shape, dtype=value.dtype).copy_(value)
+    elif tuple(value.shape) != shape:
+        raise ValueError(f"dense literal has shape {list(value.shape)} but its type is {type_}")
     return DenseAttr(value)
+
+
+def _tensor_from_nested(data: Any, dtype: ScalarType) -> torch.Tensor:
+    numbers = _map_nested(data, lambda e: 0 if isinstance(e, FloatBits) else e)
+    try:
+        wide = torch.tensor(numbers, dtype=torch.float64 if dtype.is_float else torch.int64)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"dense literal cannot be read as {dtype} values: {e}") from None
+    value = wide.to(dtype.torch_dtype)
+    if dtype.is_integer and dtype.name != "i1" and not torch.equal(value.to(torch.int64), wide):
+        raise ValueError(f"dense literal has values out of range for {dtype}")
+    if not dtype.is_float or not _any_nested(data, lambda e: isinstance(e, FloatBits)):
+        return value
+    bits_dtype = _BITS_DTYPES[dtype.bitwidth]
+
+    def signed_bits(e: Any) -> int:
+        if not isinstance(e, FloatBits):
+            return 0
+        if e.bits >= 1 << dtype.bitwidth:
+            raise ValueError(f"hex literal {e.bits:#x} has more bits than {dtype}")
+        # torch stores wide patterns in signed ints; uint8 takes 0..255 as is.
+        wraps = bits_dtype != torch.uint8 and e.bits >= 1 << (dtype.bitwidth - 1)
+        return e.bits - (1 << dtype.bitwidth) if wraps else e.bits
+
+    bits = torch.tensor(_map_nested(data, signed_bits), dtype=torch.int64).to(bits_dtype)
+    is_bits = torch.tensor(_map_nested(data, lambda e: isinstance(e, FloatBits)), dtype=torch.bool)
+    return torch.where(is_bits, bits, value.view(bits_dtype)).view(dtype.torch_dtype)
+
+
+def _map_nested(data: Any, fn: Any) -> Any:
+    return [_map_nested(d, fn) for d in data] if isinstance(data, list) else fn(data)
+
+
+def _any_nested(data: Any, predicate: Any) -> bool:
+    return any(_any_nested(d, predicate) for d in data) if isinstance(data, list) else predicate(data)
 
 
 def attr_type_name(value: Attribute) -> str:

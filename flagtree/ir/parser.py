@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import lark
 from lark import Token, Tree
 
 from flagtree.errors import SourceError
-from flagtree.ir.attributes import ResourceAttr, dense_from_literal, float_from_bits, unescape_string
+from flagtree.ir.attributes import FloatBits, ResourceAttr, dense_from_literal, float_from_bits, unescape_string
 from flagtree.ir.core import Block, Location, Module, Operation, Region, Value
 from flagtree.ir.printer import function_type
 from flagtree.ir.types import FunctionType, ScalarType, TensorType, Type, parse_type
@@ -59,21 +60,38 @@ def parse_module(text: str, filename: str = "<string>") -> Module:
     try:
         tree = _lark_parser().parse(text)
     except lark.UnexpectedToken as e:
-        found = "end of input" if e.token.type == "$END" else repr(str(e.token))
-        raise SourceError(f"expected {_describe_expected(e.expected)}, found {found}", filename, e.line, e.column) from None
+        # LALR's expected set merges states (it lists tokens of unrelated contexts); replaying
+        # the parser gives exactly the tokens that could continue the input.
+        acceptable = e.interactive_parser.accepts() if e.interactive_parser is not None else e.expected
+        expected = f"expected {_describe_expected(acceptable)}"
+        if e.token.type == "$END":
+            raise SourceError(f"{expected}, found end of input", filename, *_end_position(text)) from None
+        raise SourceError(f"{expected}, found {str(e.token)!r}", filename, e.line, e.column) from None
     except lark.UnexpectedCharacters as e:
         char = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
+        if char == '"':
+            raise SourceError("unterminated string: expected a closing '\"' on the same line", filename, e.line,
+                              e.column) from None
         allowed = _describe_expected(e.allowed) if e.allowed else "a token"
         raise SourceError(f"unexpected character {char!r}; expected {allowed}", filename, e.line, e.column) from None
     except lark.UnexpectedEOF as e:
         raise SourceError(f"unexpected end of input; expected {_describe_expected(set(e.expected))}", filename,
-                          e.line, e.column) from None
+                          *_end_position(text)) from None
     return _Builder(filename).build(tree)
+
+
+def _end_position(text: str) -> tuple[int, int]:
+    """Line and column just past the last non-blank character: where truncated input stops."""
+    content = text.rstrip()
+    return content.count("\n") + 1, len(content) - (content.rfind("\n") + 1) + 1
 
 
 def parse_file(path: str | Path) -> Module:
     path = Path(path)
     return parse_module(path.read_text(), str(path))
+
+
+_TENSOR_DIMS_PREFIX = re.compile(r"tensor<(?:(?:\d+|\?)x)*")
 
 
 class _Scope:
@@ -130,7 +148,7 @@ class _Builder:
                 sig = child
             elif child.data == "location":
                 loc_tree = child
-        name = unescape_string(str(name_tok))
+        name = self.string(name_tok)
         signature = self.function_type(sig)
         location = self.location(loc_tree) if loc_tree is not None else Location(
             self.filename, name_tok.line, name_tok.column)
@@ -220,7 +238,7 @@ class _Builder:
             if entry is None:
                 continue
             key_tok, value_tree = entry.children
-            key = unescape_string(str(key_tok)) if key_tok.type == "STRING" else str(key_tok)
+            key = self.string(key_tok) if key_tok.type == "STRING" else str(key_tok)
             if key in out:
                 raise self.error(f"attribute '{key}' appears twice", key_tok)
             out[key] = None if value_tree is None else self.attr_value(value_tree)
@@ -233,7 +251,7 @@ class _Builder:
         if kind == "number":
             return self.number(tree)
         if kind == "string_attr":
-            return unescape_string(str(tree.children[0]))
+            return self.string(tree.children[0])
         if kind == "true_attr":
             return True
         if kind == "false_attr":
@@ -269,6 +287,12 @@ class _Builder:
             return self.function_type(child) if child.data == "function_type" else self.type(child)
         raise self.error(f"unsupported attribute form '{kind}'", tree)
 
+    def string(self, tok: Token) -> str:
+        try:
+            return unescape_string(str(tok))
+        except ValueError as e:
+            raise self.error(f"bad string literal {tok}: {e}", tok) from None
+
     def number(self, tree: Tree):
         tok, type_tree = tree.children
         type_ = self.type(type_tree) if type_tree is not None else None
@@ -278,23 +302,38 @@ class _Builder:
             if type_ is not None and not type_.is_float:
                 raise self.error(f"float literal {tok} with integer type {type_}", tok)
             return float(str(tok))
-        value = int(str(tok), 0)
+        value = int(str(tok), 16) if tok.type == "HEX" else int(str(tok))
         if type_ is not None and type_.is_float:
             if tok.type != "HEX":
                 raise self.error(f"integer literal {tok} with float type {type_}; write {tok}.0", tok)
+            if value >= 1 << type_.bitwidth or type_.name == "f4E2M1FN":
+                raise self.error(f"hex literal {tok} is not a {type_} bit pattern", tok)
             return float_from_bits(value, type_.name)
+        width = 64 if type_ is None else type_.bitwidth
+        low = 0 if type_ is not None and type_.name.startswith("ui") else -(1 << (width - 1))
+        if not low <= value < 1 << width:  # signless integers take either signed or unsigned values, as in MLIR
+            raise self.error(f"integer {tok} is out of range for {type_ or 'i64'}", tok)
         if type_ is not None and type_.name == "i1":
             return bool(value)
         return value
 
-    def dense_literal(self, tree: Tree, dtype: ScalarType):
+    def dense_literal(self, tree: Tree | None, dtype: ScalarType):
+        if tree is None:  # `dense<>`
+            return None
         if tree.data == "dense_list":
             return [self.dense_literal(c, dtype) for c in tree.children if c is not None]
         tok = tree.children[0]
+        # The element kinds MLIR accepts for each element type; anything else is an error, not a conversion.
+        if tok.type == "DENSE_BOOL" and dtype.name != "i1":
+            raise self.error(f"{tok} is not a {dtype} element (true/false are i1 values)", tok)
+        if tok.type == "FLOAT" and not dtype.is_float:
+            raise self.error(f"float literal {tok} in a dense of integer type {dtype}", tok)
+        if tok.type == "INT" and dtype.is_float:
+            raise self.error(f"integer literal {tok} in a dense of float type {dtype}; write {tok}.0", tok)
         if tok.type == "DENSE_BOOL":
             return str(tok) == "true"
         if tok.type == "HEX":
-            return float_from_bits(int(str(tok), 16), dtype.name) if dtype.is_float else int(str(tok), 16)
+            return FloatBits(int(str(tok), 16)) if dtype.is_float else int(str(tok), 16)
         return float(str(tok)) if tok.type == "FLOAT" else int(str(tok))
 
     # types ---------------------------------------------------------------
@@ -303,7 +342,9 @@ class _Builder:
         try:
             return parse_type(str(tok))
         except ValueError as e:
-            raise self.error(str(e), tok) from None
+            # Point past the well-formed dims, at the element type (or whatever stands in its place).
+            offset = _TENSOR_DIMS_PREFIX.match(str(tok)).end() if str(tok).startswith("tensor<") else 0
+            raise SourceError(str(e), self.filename, tok.line, tok.column + offset) from None
 
     def function_type(self, tree: Tree) -> FunctionType:
         inputs, results = tree.children
@@ -319,10 +360,10 @@ class _Builder:
         if body.data == "loc_unknown":
             return Location()
         if body.data == "loc_name":
-            return Location(name=unescape_string(str(kids[0])))
+            return Location(name=self.string(kids[0]))
         if body.data == "loc_file":
-            return Location(unescape_string(str(kids[0])), int(kids[1]), int(kids[2]))
-        return Location(unescape_string(str(kids[1])), int(kids[2]), int(kids[3]), unescape_string(str(kids[0])))
+            return Location(self.string(kids[0]), int(kids[1]), int(kids[2]))
+        return Location(self.string(kids[1]), int(kids[2]), int(kids[3]), self.string(kids[0]))
 
 
 def op_tree_pos(op: Operation) -> Token:

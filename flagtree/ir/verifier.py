@@ -14,10 +14,14 @@ def verify(module: Module) -> None:
     """Raise VerificationError for the first broken invariant in `module`."""
     if module.op.name != "builtin.module":
         raise VerificationError(f"top-level op must be builtin.module, not '{module.op.name}'")
+    names: set[str] = set()
     for op in module.body.ops:
         if op.name != "func.func":
             _fail(op, "only func.func may appear at module level")
         _verify_function(op)
+        if op.attributes["sym_name"] in names:
+            _fail(op, f"redefines function @{op.attributes['sym_name']} (function names must be unique)")
+        names.add(op.attributes["sym_name"])
 
 
 def _fail(op: Operation, message: str) -> None:

@@ -63,6 +63,25 @@ def _infer_float(op: Operation) -> list[Type] | str:
     return inferred
 
 
+def _infer_numeric(op: Operation) -> list[Type] | str:
+    """Arithmetic torch does not define on booleans."""
+    inferred = _infer_same(op)
+    if isinstance(inferred, str):
+        return inferred
+    if elem_of(inferred[0]) == I1:
+        return f"'{op.name}' is not defined on i1 (use the logical ops, or ft.cast to an integer type)"
+    return inferred
+
+
+def _infer_bitwise(op: Operation) -> list[Type] | str:
+    inferred = _infer_same(op)
+    if isinstance(inferred, str):
+        return inferred
+    if elem_of(inferred[0]).is_float:
+        return f"'{op.name}' needs integer or i1 operands, not {elem_of(inferred[0])}"
+    return inferred
+
+
 def _as_tensor(x: Any, t: Type) -> Any:
     return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch_dtype(t))
 
@@ -102,12 +121,12 @@ _UNARY_FLOAT: dict[str, tuple[Callable[..., Any], str]] = {
     "round": (torch.round, "round half to even"),
     "trunc": (torch.trunc, "round toward zero"),
 }
-_UNARY_ANY: dict[str, tuple[Callable[..., Any], str]] = {
-    "neg": (operator.neg, "-x"),
-    "abs": (abs, "|x|"),
-    "sign": (torch.sign, "-1, 0 or 1"),
-    "relu": (torch.relu, "max(x, 0)"),
-    "bitwise_not": (torch.bitwise_not, "bitwise (integers) or logical (i1) not"),
+_UNARY_ANY: dict[str, tuple[Callable[..., Any], str, Callable[[Operation], list[Type] | str]]] = {
+    "neg": (operator.neg, "-x", _infer_numeric),
+    "abs": (abs, "|x|", _infer_numeric),
+    "sign": (torch.sign, "-1, 0 or 1", _infer_same),
+    "relu": (torch.relu, "max(x, 0)", _infer_numeric),
+    "bitwise_not": (torch.bitwise_not, "bitwise (integers) or logical (i1) not", _infer_bitwise),
 }
 _PREDICATES_UNARY: dict[str, tuple[Callable[..., Any], str]] = {
     "isnan": (torch.isnan, "x is NaN"),
@@ -127,24 +146,47 @@ def _scalar_or_torch(torch_fn: Callable[..., Any], scalar_fn: Callable[..., Any]
     return fn
 
 
-_BINARY: dict[str, tuple[Callable[..., Any], str, frozenset[str]]] = {
-    "add": (operator.add, "x + y", frozenset({COMMUTATIVE})),
-    "sub": (operator.sub, "x - y", frozenset()),
-    "mul": (operator.mul, "x * y", frozenset({COMMUTATIVE})),
-    "div": (_scalar_or_torch(torch.div, operator.truediv), "x / y (true division; integers: truncating)",
-            frozenset()),
+def _div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # torch.div on integers is true division in float32, which loses int64 precision.
+    both_integer = not (x.dtype.is_floating_point or y.dtype.is_floating_point)
+    return torch.div(x, y, rounding_mode="trunc") if both_integer else torch.div(x, y)
+
+
+def _scalar_div(x: Any, y: Any) -> Any:
+    if isinstance(x, float) or isinstance(y, float):
+        return x / y
+    quotient = abs(x) // abs(y)
+    return quotient if (x < 0) == (y < 0) else -quotient
+
+
+def _scalar_fmod(x: Any, y: Any) -> Any:
+    # math.fmod returns a float even for the integer sizes this path computes.
+    if isinstance(x, float) or isinstance(y, float):
+        return math.fmod(x, y)
+    return x - y * _scalar_div(x, y)
+
+
+_BINARY: dict[str, tuple[Callable[..., Any], str, frozenset[str], Callable[[Operation], list[Type] | str]]] = {
+    "add": (operator.add, "x + y", frozenset({COMMUTATIVE}), _infer_same),
+    "sub": (operator.sub, "x - y", frozenset(), _infer_numeric),
+    "mul": (operator.mul, "x * y", frozenset({COMMUTATIVE}), _infer_same),
+    "div": (_scalar_or_torch(_div, _scalar_div), "x / y (true division; integers: truncating)",
+            frozenset(), _infer_numeric),
     "floordiv": (_scalar_or_torch(lambda a, b: torch.div(a, b, rounding_mode="floor"), operator.floordiv),
-                 "floor(x / y)", frozenset()),
+                 "floor(x / y)", frozenset(), _infer_numeric),
     "remainder": (_scalar_or_torch(torch.remainder, operator.mod), "x - floor(x / y) * y (Python %)",
-                  frozenset()),
-    "fmod": (_scalar_or_torch(torch.fmod, math.fmod), "C fmod: remainder with the sign of x", frozenset()),
-    "pow": (_scalar_or_torch(torch.pow, operator.pow), "x ** y", frozenset()),
-    "maximum": (_scalar_or_torch(torch.maximum, max), "max(x, y), NaN-propagating", frozenset({COMMUTATIVE})),
-    "minimum": (_scalar_or_torch(torch.minimum, min), "min(x, y), NaN-propagating", frozenset({COMMUTATIVE})),
-    "atan2": (torch.atan2, "atan2(x, y)", frozenset()),
-    "bitwise_and": (operator.and_, "x & y", frozenset({COMMUTATIVE})),
-    "bitwise_or": (operator.or_, "x | y", frozenset({COMMUTATIVE})),
-    "bitwise_xor": (operator.xor, "x ^ y", frozenset({COMMUTATIVE})),
+                  frozenset(), _infer_numeric),
+    "fmod": (_scalar_or_torch(torch.fmod, _scalar_fmod), "C fmod: remainder with the sign of x", frozenset(),
+             _infer_numeric),
+    "pow": (_scalar_or_torch(torch.pow, operator.pow), "x ** y", frozenset(), _infer_numeric),
+    "maximum": (_scalar_or_torch(torch.maximum, max), "max(x, y), NaN-propagating", frozenset({COMMUTATIVE}),
+                _infer_same),
+    "minimum": (_scalar_or_torch(torch.minimum, min), "min(x, y), NaN-propagating", frozenset({COMMUTATIVE}),
+                _infer_same),
+    "atan2": (torch.atan2, "atan2(x, y)", frozenset(), _infer_float),
+    "bitwise_and": (operator.and_, "x & y", frozenset({COMMUTATIVE}), _infer_bitwise),
+    "bitwise_or": (operator.or_, "x | y", frozenset({COMMUTATIVE}), _infer_bitwise),
+    "bitwise_xor": (operator.xor, "x ^ y", frozenset({COMMUTATIVE}), _infer_bitwise),
 }
 _COMPARISONS: dict[str, tuple[Callable[..., Any], str, frozenset[str]]] = {
     "eq": (operator.eq, "x == y", frozenset({COMMUTATIVE})),
@@ -164,12 +206,12 @@ _EW = frozenset({PURE, ELEMENTWISE})
 
 for _name, (_fn, _doc) in _UNARY_FLOAT.items():
     register(OpDef(f"ft.{_name}", _doc, (1, 1), infer=_infer_float, reference=_elementwise(_fn), traits=_EW))
-for _name, (_fn, _doc) in _UNARY_ANY.items():
-    register(OpDef(f"ft.{_name}", _doc, (1, 1), infer=_infer_same, reference=_elementwise(_fn), traits=_EW))
+for _name, (_fn, _doc, _infer) in _UNARY_ANY.items():
+    register(OpDef(f"ft.{_name}", _doc, (1, 1), infer=_infer, reference=_elementwise(_fn), traits=_EW))
 for _name, (_fn, _doc) in _PREDICATES_UNARY.items():
     register(OpDef(f"ft.{_name}", _doc, (1, 1), infer=_infer_logical, reference=_elementwise(_fn), traits=_EW))
-for _name, (_fn, _doc, _traits) in _BINARY.items():
-    register(OpDef(f"ft.{_name}", _doc, (2, 2), infer=_infer_same, reference=_elementwise(_fn), traits=_EW | _traits))
+for _name, (_fn, _doc, _traits, _infer) in _BINARY.items():
+    register(OpDef(f"ft.{_name}", _doc, (2, 2), infer=_infer, reference=_elementwise(_fn), traits=_EW | _traits))
 for _name, (_fn, _doc, _traits) in _COMPARISONS.items():
     register(OpDef(f"ft.{_name}", _doc, (2, 2), infer=_infer_predicate, reference=_elementwise(_fn),
                    traits=_EW | _traits))
@@ -206,6 +248,8 @@ register(OpDef("ft.where", "cond ? x : y", (3, 3), infer=_infer_where,
 
 
 def _clamp(x: torch.Tensor, min: float | None = None, max: float | None = None) -> torch.Tensor:
+    if min is None and max is None:  # torch.clamp rejects this; both bounds missing is the identity
+        return x
     return torch.clamp(x, min=min, max=max)
 
 

@@ -17,6 +17,8 @@ def _infer_matmul(op: Operation) -> list[Type] | str:
         return f"matmul needs operands of rank >= 2, got {a} and {b}"
     if a.dtype != b.dtype:
         return f"matmul operands must share an element type (insert ft.cast); got {a.dtype} and {b.dtype}"
+    if a.dtype.name == "i1":
+        return "matmul is not defined on i1; ft.cast the operands to a numeric type"
     k1, k2 = a.shape[-1], b.shape[-2]
     if k1 is not None and k2 is not None and k1 != k2:
         return f"contraction dims differ: {a} @ {b}"

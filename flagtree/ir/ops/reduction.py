@@ -78,7 +78,11 @@ _REDUCTIONS = {
 
 
 def _prod(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
-    for d in sorted(dims, reverse=True):
+    if x.is_floating_point():  # torch multiplies bf16/f16 in their own precision; round once instead
+        x = x.double()
+    # Reduce the highest dim first so the remaining ones keep their index; normalise first,
+    # as a negative dim would shift once a dim is gone.
+    for d in sorted((d % max(x.dim(), 1) for d in dims), reverse=True):
         x = torch.prod(x, d, keepdim=keepdim)
     return x
 
@@ -95,6 +99,8 @@ def _infer_arg_reduce(op: Operation) -> list[Type] | str:
     x = tensor_operand(op)
     if isinstance(x, str):
         return x
+    if x.dtype == I1:
+        return f"'{op.name}' does not order i1 values; ft.cast the operand to an integer type"
     dim = normalize_dim(op.attributes["dim"], x.rank)
     if isinstance(dim, str):
         return dim
@@ -157,6 +163,8 @@ def _infer_topk(op: Operation) -> list[Type] | str:
     x = tensor_operand(op)
     if isinstance(x, str):
         return x
+    if x.dtype == I1:
+        return "ft.topk does not order i1 values; ft.cast the operand to an integer type"
     dim = normalize_dim(op.attributes["dim"], x.rank)
     if isinstance(dim, str):
         return dim

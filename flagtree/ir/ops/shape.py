@@ -178,10 +178,13 @@ register(OpDef("ft.flip", "reverse the order of elements along `dims`", (1, 1),
                reference=lambda args, a, rt: torch.flip(args[0], a["dims"])))
 
 
-def _index_operand_ok(op: Operation, first: int) -> str | None:
-    for v in op.operands[first:]:
-        if not isinstance(v.type, TensorType) or v.type.dtype.name not in ("i64", "i32", "i1"):
-            return f"index operands must be integer (or i1 mask) tensors, not {v.type}"
+def _index_operand_ok(op: Operation, first: int, last: int | None = None, masks: bool = True) -> str | None:
+    """None if operands[first:last] are index tensors (i64/i32, or i1 masks when `masks`), else why not."""
+    allowed = ("i64", "i32", "i1") if masks else ("i64", "i32")
+    for v in op.operands[first:last]:
+        if not isinstance(v.type, TensorType) or v.type.dtype.name not in allowed:
+            kinds = "integer (or i1 mask)" if masks else "integer"
+            return f"index operands must be {kinds} tensors, not {v.type}"
     return None
 
 
@@ -189,7 +192,7 @@ def _infer_gather(op: Operation) -> list[Type] | str:
     x = tensor_operand(op)
     if isinstance(x, str):
         return x
-    error = _index_operand_ok(op, 1)
+    error = _index_operand_ok(op, 1, masks=False)
     if error:
         return error
     index = op.operands[1].type
@@ -208,10 +211,10 @@ def _infer_scatter(op: Operation) -> list[Type] | str:
     x = tensor_operand(op)
     if isinstance(x, str):
         return x
-    error = _index_operand_ok(op, 1) if op.operands[1].type.dtype.name != "i1" else "scatter index must be integer"
+    error = _index_operand_ok(op, 1, 2, masks=False)
     if error:
         return error
-    if op.operands[2].type.dtype != x.dtype:
+    if not isinstance(op.operands[2].type, TensorType) or op.operands[2].type.dtype != x.dtype:
         return f"scatter source must have element type {x.dtype}"
     if op.attributes["reduce"] not in ("none", "add"):
         return f"reduce must be \"none\" or \"add\", not \"{op.attributes['reduce']}\""
