@@ -7,6 +7,10 @@ from typing import Any
 
 import torch
 
+from flagtree.backends.registry import select_backend
+
+# The backend flagtree picks for CPU tensors on this machine (cpu when torch-mlir is installed).
+DEFAULT_CPU_BACKEND = select_backend(torch.device("cpu")).name
 # Relative L2 error vs an fp64 reference (DESIGN.md, "Tests").
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 

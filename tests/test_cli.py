@@ -20,6 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flagtree.backends.registry import all_backends, select_backend
 from flagtree.cli import main as flagtree_main
 from flagtree.cli import opt
 from flagtree.cli.semantics import (
@@ -124,10 +125,9 @@ def test_missing_file_is_one_line(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "fragments"),
     [
-        (["--emit=mlir"], ["--emit=mlir is not available yet"]),
-        (["--emit=triton"], ["--emit=triton is not available yet"]),
-        (["--emit=python"], ["--emit=python is not available yet"]),
-        (["--target=cuda"], ["--target=cuda is not available yet", "reference"]),
+        (["--target=reference", "--emit=mlir"], ["--emit=mlir: backend 'reference' emits no artifacts"]),
+        (["--target=reference", "--emit=triton"], ["--emit=triton: backend 'reference' emits no artifacts"]),
+        (["--target=no-such-chip"], ["unknown backend 'no-such-chip'", "reference"]),
         (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
         (["--emit=llvm"], ["invalid choice: 'llvm'"]),
     ],
@@ -427,13 +427,21 @@ def test_list_passes_shows_every_pass_and_option(capsys):
 # --------------------------------------------------------------------------- flagtree
 
 
-def test_backends_lists_reference_as_available(capsys):
+def test_backends_lists_every_registered_backend_honestly(capsys):
     assert flagtree_main.main(["backends"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines()]
-    assert rows[0][:3] == ["backend", "available", "reason"]
-    assert rows[1][:2] == ["reference", "yes"]
-    assert "no other backends are registered yet" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert out.splitlines()[0].split() == ["backend", "priority", "available", "details"]
+    assert rows["reference"][2] == "yes"
+    assert set(rows) == set(all_backends())
+    if not torch.cuda.is_available():
+        assert rows["cuda"][2] == "no" and len(rows["cuda"]) > 3, "an unavailable backend must say why"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a backend this machine lacks")
+def test_unavailable_target_names_the_reason(capsys, square_file):
+    status, _, err = run_opt(capsys, str(square_file), "--target=cuda")
+    assert_one_line_error(status, err, "backend 'cuda' is not available here", "available backends")
 
 
 def test_flagtree_opt_is_an_alias(capsys, square_file):
@@ -485,7 +493,7 @@ def test_dump_runs_the_script_and_summarizes_each_graph(capsys, tmp_path, monkey
         assert (graphs[0] / name).is_file()
         assert name in out
     assert f"1 graph dumped under {dump_dir}/" in out
-    assert "backend=reference" in out and "pass times: " in out and "canonicalize" in out
+    assert f"backend={select_backend(torch.device('cpu')).name}" in out and "pass times: " in out and "canonicalize" in out
     # The environment is restored after the script.
     assert "FLAGTREE_DUMP_DIR" not in os.environ
     # The dumped FTIR is valid flagtree-opt input.

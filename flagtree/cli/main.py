@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flagtree.backends.registry import all_backends
 from flagtree.cli import dump, opt
 from flagtree.cli._errors import OneLineArgumentParser, run_reporting_errors
-from flagtree.cli.targets import BACKENDS, NOT_YET_REGISTERED
 from flagtree.errors import OptionsError
 
 
@@ -91,12 +91,15 @@ def run_dump(script: Path, script_args: list[str], dump_dir: Path) -> int:
 
 
 def list_backends() -> int:
-    """`flagtree backends`: one row per backend, then what is not registered yet."""
-    width = max(len("backend"), *(len(b.name) for b in BACKENDS))
-    print(f"{'backend':<{width}}  available  reason")
-    for backend in BACKENDS:
-        print(f"{backend.name:<{width}}  {'yes' if backend.available else 'no':<9}  {backend.reason}")
-    print(NOT_YET_REGISTERED)
+    """`flagtree backends`: each registered backend, whether it runs here (and why not), and
+    its capabilities on this machine."""
+    backends = all_backends()
+    width = max(len("backend"), *(len(name) for name in backends))
+    print(f"{'backend':<{width}}  priority  available  details")
+    for name, backend in backends.items():
+        availability = backend.availability()
+        details = backend.capabilities().describe() if availability.ok else availability.reason
+        print(f"{name:<{width}}  {backend.priority:>8}  {'yes' if availability.ok else 'no':<9}  {details}")
     return 0
 
 

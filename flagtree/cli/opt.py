@@ -13,21 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flagtree.backends.base import Backend
+from flagtree.backends.registry import get_backend, select_backend
 from flagtree.cli._errors import OneLineArgumentParser, run_reporting_errors
 from flagtree.cli.semantics import SemanticChecker
-from flagtree.cli.targets import require_target
 from flagtree.errors import OptionsError
 from flagtree.ir import Module, parse_module, print_module, verify
 from flagtree.passes import IRPrinting, PassManager, all_passes, parse_pipeline, preset_pipeline
 from flagtree.passes.base import format_option_value
 
 EMIT_FORMATS = ("ftir", "mlir", "triton", "python")
-# What each not-yet-available --emit format needs, for the error message.
-_EMIT_PENDING = {
-    "mlir": "the FTIR → MLIR lowering comes with the cpu backend",
-    "triton": "Triton kernel generation comes with the cuda/rocm backends",
-    "python": "the launch-plan printer comes with the runtime",
-}
 # Fusion passes are named fuse-<what> (fuse-attention, fuse-moe, ...).
 FUSION_PASS_PREFIX = "fuse-"
 # Flags that only act on passes: with no pipeline they would do nothing, so say so.
@@ -93,11 +88,13 @@ def build_parser(prog: str = "flagtree-opt") -> argparse.ArgumentParser:
     output.add_argument("-o", "--output", default="-", metavar="OUT",
                         help="write the result to OUT; default: '-' (standard output)")
     output.add_argument("--emit", choices=EMIT_FORMATS, default="ftir",
-                        help="what to print: ftir (the module after the pipeline); mlir, triton and python "
-                             "(the launch plan) are not available yet (default: ftir)")
+                        help="what to print: ftir (the module after the pipeline), or an artifact of the "
+                             "target backend: mlir (cpu), triton (cuda, rocm, interpret), python (the launch "
+                             "plan of any codegen backend) (default: ftir)")
     output.add_argument("--target", metavar="NAME",
-                        help="the backend whose lowering the output is meant for; only 'reference' exists "
-                             "yet and it adds no passes (default: none)")
+                        help="lower for this backend: its lowering passes run after -p, and --emit prints its "
+                             "artifacts; `flagtree backends` lists the names (default: none for --emit=ftir, "
+                             "else the default backend for CPU tensors)")
     output.add_argument("--crash-reproducer-dir", metavar="DIR",
                         help="where the IR a crashing pass received is saved for replay (the error names the "
                              "file and the command); default: the system's temporary directory")
@@ -121,23 +118,46 @@ def run(args: argparse.Namespace, prog: str) -> int:
     if args.file is None:
         raise OptionsError("no input file: give an FTIR file, or '-' to read standard input")
     module = read_module(args.file)
+    backend = target_backend(args)
+    capabilities = backend.capabilities() if backend is not None else None
+    pipeline = ",".join(p for p in (args.pipeline, backend.pipeline(capabilities) if backend else "") if p)
     if args.explain:
-        print(f"{prog}: note: {explain(args.pipeline)}", file=sys.stderr)
-    if args.pipeline:
-        run_pipeline(module, args, prog)
+        print(f"{prog}: note: {explain(pipeline)}", file=sys.stderr)
+    if pipeline:
+        run_pipeline(module, pipeline, args, prog)
     else:
         warn_unused_pipeline_flags(args, prog)
-    write_output(print_module(module, print_locations=args.print_debuginfo), args.output)
+    if args.emit == "ftir":
+        text = print_module(module, print_locations=args.print_debuginfo)
+    else:
+        text = emit_artifact(backend, module, capabilities, args.emit)
+    write_output(text, args.output)
     return 0
 
 
 def check_output_options(args: argparse.Namespace) -> None:
-    """Refuse, before any work, the output options later issues implement."""
-    if args.emit != "ftir":
-        raise OptionsError(f"--emit={args.emit} is not available yet ({_EMIT_PENDING[args.emit]}); "
-                           f"use --emit=ftir")
+    """Refuse, before any work, a --target this machine cannot use (unknown or unavailable)."""
     if args.target is not None:
-        require_target(args.target)
+        get_backend(args.target)
+
+
+def target_backend(args: argparse.Namespace) -> Backend | None:
+    """The backend to lower for: --target, else the CPU default when an artifact is asked for."""
+    if args.target is not None:
+        return get_backend(args.target)
+    if args.emit != "ftir":
+        import torch
+
+        return select_backend(torch.device("cpu"))
+    return None
+
+
+def emit_artifact(backend: Backend, module: Module, capabilities: object, form: str) -> str:
+    """The backend's `form` artifact for `module`; a form it cannot emit is an OptionsError naming those it can."""
+    if form not in backend.emit_forms():
+        raise OptionsError(f"--emit={form}: backend '{backend.name}' emits "
+                           f"{', '.join(backend.emit_forms()) or 'no artifacts'}; pick another --target")
+    return backend.emit(module, capabilities, form)
 
 
 def read_module(path: str) -> Module:
@@ -151,11 +171,11 @@ def read_module(path: str) -> Module:
     return module
 
 
-def run_pipeline(module: Module, args: argparse.Namespace, prog: str) -> None:
-    """Run `args.pipeline` on `module` in place, with the printing and checks the flags ask for."""
+def run_pipeline(module: Module, pipeline: str, args: argparse.Namespace, prog: str) -> None:
+    """Run `pipeline` on `module` in place, with the printing and checks the flags ask for."""
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     checker = SemanticChecker(module, seed) if args.check_semantics else None
-    manager = PassManager(args.pipeline, verify_each=args.verify_each, printing=ir_printing(args),
+    manager = PassManager(pipeline, verify_each=args.verify_each, printing=ir_printing(args),
                           timing=args.timing, reproducer_dir=args.crash_reproducer_dir, after_pass=checker)
     result = manager.run(module)
     if args.timing:

@@ -53,7 +53,7 @@ def flagtree_backend(
     def compiler(kind: str) -> Callable[[fx.GraphModule, Sequence[Any]], Any]:
         def compile_graph(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Any:
             constants = frozen.constants(gm) if frozen is not None and kind == "inference" else None
-            return compile_aten_graph(aten_gm, f"graph_{graph_id}_{kind}", options, constants)
+            return compile_aten_graph(aten_gm, aten_inputs, f"graph_{graph_id}_{kind}", options, constants)
 
         return compile_graph
 

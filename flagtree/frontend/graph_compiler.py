@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from flagtree.backends.reference import ReferenceExecutable
+from flagtree.backends.registry import select_backend
 from flagtree.frontend.importer import ConstantOutput, import_graph
 from flagtree.frontend.options import CompileOptions
 from flagtree.ir.core import Module
@@ -71,11 +72,13 @@ class GraphDump:
 
 def compile_aten_graph(
     gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
     graph: str,
     options: CompileOptions,
     constants: dict[int, tuple[str, torch.Tensor]] | None = None,
 ) -> CompiledGraph:
-    """Compile the aten graph `gm` named `graph` (e.g. `graph_0_forward`)."""
+    """Compile the aten graph `gm` named `graph` (e.g. `graph_0_forward`) for the device of
+    `example_inputs`, on the backend the registry selects."""
     start = time.perf_counter()
     dump = GraphDump(Path(options.dump_dir) / graph) if options.dump_dir else None
     # aot_autograd calls compilers under its FakeTensorMode; FTIR constants are real tensors.
@@ -88,13 +91,16 @@ def compile_aten_graph(
         verify(module)
         if dump:
             dump.write("input.ftir", print_module(module, print_locations=True))
+        backend = select_backend(_device_of(example_inputs), options.target)
+        capabilities = backend.capabilities(_device_of(example_inputs))
         pipeline = options.pipeline if options.pipeline is not None else preset_pipeline(options.opt_level)
+        pipeline = ",".join(p for p in (pipeline, backend.pipeline(capabilities)) if p)
         pass_times = _run_pipeline(module, pipeline, options, dump)
         verify(module)
         if dump:
             dump.write("output.ftir", print_module(module, print_locations=True))
-        executable = _backend_compile(module, options.backend_name)
-    report = _report(graph, module, options, pipeline, pass_times, imported.fallback_reasons, dump)
+        executable = backend.compile(module, capabilities)
+    report = _report(graph, backend.name, module, pipeline, pass_times, imported.fallback_reasons, dump)
     report.compile_seconds = time.perf_counter() - start
     record(report)
     if dump:
@@ -113,16 +119,18 @@ def _run_pipeline(module: Module, pipeline: str, options: CompileOptions, dump: 
     return manager.run(module).pass_times
 
 
-def _backend_compile(module: Module, backend: str) -> Any:
-    """The backend's executable for `module` (CompileOptions has checked the name)."""
-    executables = {"reference": ReferenceExecutable}
-    return executables[backend](module)
+def _device_of(example_inputs: Sequence[Any]) -> torch.device:
+    """The device the graph runs on: that of its first tensor input (CPU when it has none)."""
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 def _report(
     graph: str,
+    backend: str,
     module: Module,
-    options: CompileOptions,
     pipeline: str,
     pass_times: dict[str, float],
     fallback_reasons: dict[str, str],
@@ -132,7 +140,7 @@ def _report(
     fallbacks = Counter(op.attributes["target"].replace("::", ".") for op in ops if op.name == "ft.torch_call")
     return Report(
         graph=graph,
-        backend=options.backend_name,
+        backend=backend,
         pipeline=pipeline,
         fusions=dict(Counter(op.short_name for op in ops if has_trait(op, FUSED))),
         fallbacks=dict(fallbacks),

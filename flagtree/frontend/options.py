@@ -10,12 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flagtree.backends.registry import all_backends
 from flagtree.errors import OptionsError
 
 DUMP_DIR_ENV = "FLAGTREE_DUMP_DIR"
 BACKEND_ENV = "FLAGTREE_BACKEND"
-# Backends the frontend can hand a graph to today; codegen backends join this list as they land.
-TARGETS = ("reference",)
 MODES = (None, "default")
 
 
@@ -37,7 +36,8 @@ class CompileOptions:
       dump_dir: write every stage of each graph's compile under this folder
         (default: the FLAGTREE_DUMP_DIR environment variable).
       verify_each: run the FTIR verifier after every pass.
-      target: the backend that runs the graphs (default: FLAGTREE_BACKEND, else "reference").
+      target: the backend that runs the graphs (default: FLAGTREE_BACKEND, else the
+        highest-priority available backend for the inputs' device; `flagtree backends` lists them).
     """
 
     opt_level: int = 2
@@ -52,16 +52,13 @@ class CompileOptions:
             _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name])
         if not 0 <= self.opt_level <= 3:
             raise OptionsError(f"option 'opt_level' must be 0, 1, 2 or 3, not {self.opt_level}")
-        if self.target is not None and self.target not in TARGETS:
-            raise OptionsError(
-                f"unknown target '{self.target}' (from option 'target' or ${BACKEND_ENV}); "
-                f"valid targets: {', '.join(TARGETS)}"
-            )
-
-    @property
-    def backend_name(self) -> str:
-        """The backend that runs the compiled graphs."""
-        return self.target or TARGETS[0]
+        if self.target is not None:
+            known = all_backends()
+            if self.target not in known:
+                raise OptionsError(
+                    f"unknown target '{self.target}' (from option 'target' or ${BACKEND_ENV}); "
+                    f"valid targets: {', '.join(known)}"
+                )
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> CompileOptions:
