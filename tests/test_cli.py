@@ -493,7 +493,8 @@ def test_dump_runs_the_script_and_summarizes_each_graph(capsys, tmp_path, monkey
         assert (graphs[0] / name).is_file()
         assert name in out
     assert f"1 graph dumped under {dump_dir}/" in out
-    assert f"backend={select_backend(torch.device('cpu')).name}" in out and "pass times: " in out and "canonicalize" in out
+    backend = select_backend(torch.device("cpu")).name
+    assert f"backend={backend}" in out and "pass times: " in out and "canonicalize" in out
     # The environment is restored after the script.
     assert "FLAGTREE_DUMP_DIR" not in os.environ
     # The dumped FTIR is valid flagtree-opt input.
