@@ -29,7 +29,13 @@ setup(
     },
     entry_points={
         "torch_dynamo_backends": ["flagtree = flagtree.frontend.backend:flagtree_backend"],
-        "flagtree.backends": ["reference = flagtree.backends.reference:ReferenceBackend"],
+        "flagtree.backends": [
+            "reference = flagtree.backends.reference:ReferenceBackend",
+            "cpu = flagtree.backends.cpu:CpuBackend",
+            "cuda = flagtree.backends.cuda:CudaBackend",
+            "rocm = flagtree.backends.rocm:RocmBackend",
+            "interpret = flagtree.backends.interpret:InterpretBackend",
+        ],
         "console_scripts": [
             "flagtree-opt = flagtree.cli.opt:main",
             "flagtree = flagtree.cli.main:main",
