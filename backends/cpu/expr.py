@@ -1,0 +1,150 @@
+"""Values while a kernel is emitted: MLIR tensors, and lazy elementwise expressions over them.
+
+Elementwise ops and views (transpose, broadcast, unit-dim reshapes) do not emit code when
+they are lowered: they build a `Lazy` value, a scalar expression DAG over `Leaf` reads of
+tensors through affine index maps.  Code is emitted only where a loop nest is needed (a
+reduction, an output, a reshape that is not a view); that loop nest evaluates the whole
+DAG in one linalg.generic body.  So an elementwise group becomes one loop with every
+intermediate in registers, and a multi-use value costs no temporary buffer, whatever
+MLIR's own elementwise-fusion heuristics would do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flagtree.ir.types import ScalarType
+
+# A map from a value's iteration dims to a tensor's dims: entry k (an int) reads the tensor
+# at iteration index d_k; None reads index 0 (a broadcast size-1 dim).
+Map = tuple[int | None, ...]
+Size = int | str  # a static size, or the SSA name of an `index` value
+
+
+@dataclass(frozen=True, eq=False)
+class Tensor:
+    """An MLIR value of tensor type, with the sizes of its dims."""
+
+    ssa: str
+    shape: tuple[int | None, ...]
+    element: str  # the MLIR element type it holds
+    sizes: tuple[Size, ...]
+    contiguous: bool = True  # row-major and dense: false for strided slices
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+class Node:
+    """A scalar expression evaluated at every point of a Lazy value's iteration space."""
+
+    dtype: ScalarType
+
+
+@dataclass(eq=False)
+class Leaf(Node):
+    """Read `tensor` at `map` of the iteration index (converted to dtype's compute type)."""
+
+    tensor: Tensor
+    map: Map
+    dtype: ScalarType
+
+
+@dataclass(eq=False)
+class Scalar(Node):
+    """An SSA scalar defined at function scope (a constant, a scalar argument, a size)."""
+
+    ssa: str
+    dtype: ScalarType
+
+
+@dataclass(eq=False)
+class Index(Node):
+    """The iteration index along `dim` as i64 (None: the constant 0 of a broadcast dim)."""
+
+    dim: int | None
+    dtype: ScalarType = field(default_factory=lambda: ScalarType("i64"))
+
+
+@dataclass(eq=False)
+class Apply(Node):
+    """An FTIR elementwise op (by name) applied to operand expressions."""
+
+    name: str
+    operands: tuple[Node, ...]
+    dtype: ScalarType
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Lazy:
+    """A tensor value not yet computed: `node` at every index of `shape`."""
+
+    node: Node
+    shape: tuple[int | None, ...]
+    sizes: tuple[Size, ...]
+    dtype: ScalarType
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+def identity(rank: int) -> Map:
+    return tuple(range(rank))
+
+
+def leaf(tensor: Tensor, dtype: ScalarType) -> Lazy:
+    """A tensor as a Lazy value that reads it element by element."""
+    return Lazy(Leaf(tensor, identity(tensor.rank), dtype), tensor.shape, tensor.sizes, dtype)
+
+
+def reindex(value: Lazy, dims: Map, shape: tuple[int | None, ...], sizes: tuple[Size, ...]) -> Lazy:
+    """`value` seen from a new iteration space of `shape`: its dim k is new dim `dims[k]`
+    (None: the new space does not vary it, e.g. a broadcast).  Shared sub-DAGs stay shared."""
+    if dims == identity(len(shape)):
+        return Lazy(value.node, shape, sizes, value.dtype)
+    memo: dict[int, Node] = {}
+
+    def visit(node: Node) -> Node:
+        if id(node) in memo:
+            return memo[id(node)]
+        if isinstance(node, Leaf):
+            new: Node = Leaf(node.tensor, tuple(None if e is None else dims[e] for e in node.map), node.dtype)
+        elif isinstance(node, Index):
+            new = Index(None if node.dim is None else dims[node.dim])
+        elif isinstance(node, Apply):
+            new = Apply(node.name, tuple(visit(o) for o in node.operands), node.dtype, node.attrs)
+        else:
+            new = node
+        memo[id(node)] = new
+        return new
+
+    return Lazy(visit(value.node), shape, sizes, value.dtype)
+
+
+def leaves(roots: list[Node]) -> list[Leaf]:
+    """The distinct (tensor, map) reads of a DAG, in first-visit order."""
+    seen: set[int] = set()
+    found: dict[tuple[str, Map], Leaf] = {}
+    stack = list(reversed(roots))
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Leaf):
+            found.setdefault((node.tensor.ssa, node.map), node)
+        elif isinstance(node, Apply):
+            stack.extend(reversed(node.operands))
+    return list(found.values())
+
+
+def as_tensor_read(value: Lazy) -> Tensor | None:
+    """The tensor `value` reads unchanged, if it is just that (then no copy is needed)."""
+    node = value.node
+    if isinstance(node, Leaf) and node.map == identity(node.tensor.rank) and node.tensor.shape == value.shape:
+        return node.tensor
+    return None

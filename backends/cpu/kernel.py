@@ -1,0 +1,261 @@
+"""A compiled cpu kernel as a Python callable over torch tensors.
+
+Arguments cross into the JIT-compiled code as MLIR memref descriptors (allocated pointer,
+aligned pointer, offset, sizes, strides: int64 words) through the packed C interface.
+Output shapes come from the unit's FTIR ops run on meta tensors, once per input-shape
+signature; that run also checks the one assumption the generated code makes about
+dynamic dims (a `?` dim is never broadcast, see emitter.py), so a call that would read out
+of bounds raises instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import math
+import struct
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flagtree.backends.cpu.emitter import KernelUnit
+from flagtree.backends.cpu.host import host_cpu
+from flagtree.errors import FlagtreeError
+from flagtree.ir.core import Operation, Value
+from flagtree.ir.opdef import ELEMENTWISE, has_trait, lookup
+from flagtree.ir.ops._util import runtime_shape
+from flagtree.ir.types import ScalarType, TensorType
+
+
+class KernelCallError(FlagtreeError):
+    """A kernel was called with arguments it was not compiled for."""
+
+
+class CpuKernel:
+    """Call with the unit's inputs (tensors; Python numbers for scalar inputs); returns its outputs.
+
+    `launch(args, outputs)` writes into caller-allocated contiguous outputs instead.  Calls
+    from several threads may run at once (each thread packs arguments in its own buffer)."""
+
+    def __init__(self, unit: KernelUnit, entry: Any, engine: Any, label: str, rows: frozenset[int] | None):
+        """rows: the unit's row values when the kernel was generated in row blocks
+        (emitter.emit_kernel); it then takes the row range to compute after the outputs."""
+        self.unit = unit
+        self.label = label  # names the kernel in errors and launch plans
+        self._entry = entry
+        self._engine = engine  # owns the machine code `entry` points into
+        self._rows = rows
+        self._arg_types = [a.type for a in unit.args]
+        self._result_types: list[TensorType] = [r.type for r in unit.results]
+        self._result_dtypes = [t.dtype.torch_dtype for t in self._result_types]
+        row_range = [ScalarType("i64")] * 2 if rows else []
+        self._layout = _ArgumentLayout([*self._arg_types, *self._result_types, *row_range])
+        self._launches: dict[tuple, _Launch] = {}
+
+    def __call__(self, *args: Any) -> list[torch.Tensor]:
+        args = self._contiguous(args)
+        launch = self._launch_for(args)
+        outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(launch.shapes, self._result_dtypes)]
+        self._run(launch, [*args, *outputs])
+        return outputs
+
+    def launch(self, args: Sequence[Any], outputs: Sequence[torch.Tensor]) -> None:
+        args = self._contiguous(args)
+        launch = self._launch_for(args)
+        for i, (out, shape, dtype) in enumerate(zip(outputs, launch.shapes, self._result_dtypes)):
+            if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+                raise KernelCallError(f"kernel {self.label}: output #{i} must be a contiguous {dtype} tensor of "
+                                      f"shape {list(shape)}, got {out.dtype} {list(out.shape)}")
+        self._run(launch, [*args, *outputs])
+
+    def output_shapes(self, args: Sequence[Any]) -> list[tuple[int, ...]]:
+        """The outputs' shapes for these inputs."""
+        return self._launch_for(self._contiguous(args)).shapes
+
+    def _run(self, launch: _Launch, values: list[Any]) -> None:
+        """Call the kernel: once, or (row blocks with enough work) once per core on its rows."""
+        if launch.row_ranges is None:
+            self._layout.call(self._entry, values)
+            return
+        first, *others = launch.row_ranges
+        pending = [_thread_pool().submit(self._layout.call, self._entry, [*values, *rows]) for rows in others]
+        self._layout.call(self._entry, [*values, *first])
+        for other in pending:
+            other.result()
+
+    def _launch_for(self, args: Sequence[Any]) -> _Launch:
+        """How to call the kernel on these inputs; the first call with an input signature
+        (shapes, dtypes, scalar values) checks the arguments and infers the output shapes."""
+        signature = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        launch = self._launches.get(signature)
+        if launch is None:
+            self._check(args)
+            shapes = self._infer_shapes(args)
+            launch = self._launches[signature] = _Launch(shapes, self._row_ranges(args, shapes))
+        return launch
+
+    def _row_ranges(self, args: Sequence[Any], shapes: list[tuple[int, ...]]) -> list[tuple[int, int]] | None:
+        """The row range of each core's call (row-block kernels), or None (a plain kernel)."""
+        if not self._rows:
+            return None
+        rows = shapes[0][0]
+        work = sum(a.numel() for a in args if isinstance(a, torch.Tensor)) + sum(math.prod(s) for s in shapes)
+        parts = max(min(rows, host_cpu().cores), 1) if work >= PARALLEL_MIN_ELEMENTS else 1
+        bounds = [rows * i // parts for i in range(parts + 1)]
+        return list(itertools.pairwise(bounds))
+
+    # ------------------------------------------------------------------ arguments
+    def _contiguous(self, args: Sequence[Any]) -> list[Any]:
+        if len(args) != len(self._arg_types):
+            raise KernelCallError(f"kernel {self.label} takes {len(self._arg_types)} arguments, got {len(args)}")
+        return [a.contiguous() if isinstance(a, torch.Tensor) and not a.is_contiguous() else a for a in args]
+
+    def _check(self, args: Sequence[Any]) -> None:
+        for i, (arg, t) in enumerate(zip(args, self._arg_types)):
+            if not isinstance(t, TensorType):
+                if not isinstance(arg, (int, float)):
+                    raise KernelCallError(f"kernel {self.label}: argument #{i} must be a {t} number, got {arg!r}")
+                continue
+            if not isinstance(arg, torch.Tensor) or arg.dtype != t.dtype.torch_dtype or arg.dim() != t.rank:
+                got = f"{arg.dtype} tensor of rank {arg.dim()}" if isinstance(arg, torch.Tensor) else repr(arg)
+                raise KernelCallError(f"kernel {self.label}: argument #{i} must be a {t}, got {got}")
+            if any(d is not None and d != n for d, n in zip(t.shape, arg.shape)):
+                raise KernelCallError(f"kernel {self.label}: argument #{i} must be a {t}, got shape {list(arg.shape)}")
+
+    # ------------------------------------------------------------------ shapes
+    def _infer_shapes(self, args: Sequence[Any]) -> list[tuple[int, ...]]:
+        env: dict[int, Any] = {}
+        for arg, value in zip(self.unit.args, args):
+            env[id(arg)] = torch.empty(value.shape, dtype=value.dtype, device="meta") \
+                if isinstance(value, torch.Tensor) else value
+        for op in self.unit.ops:
+            operands = [env[id(v)] for v in op.operands]
+            try:
+                results = _meta_run(op, operands)
+            except Exception as e:
+                shapes = ", ".join(str(list(a.shape)) if isinstance(a, torch.Tensor) else repr(a) for a in args)
+                raise KernelCallError(f"kernel {self.label} cannot run on inputs of shapes {shapes}: "
+                                      f"{op.location}: '{op.name}' op: {e}") from e
+            for result, value in zip(op.results, results):
+                env[id(result)] = value
+        shapes = [tuple(env[id(r)].shape) for r in self.unit.results]
+        if self._rows:
+            self._check_rows(env, shapes[0][0])
+        return shapes
+
+    def _check_rows(self, env: dict[int, Any], rows: int) -> None:
+        """Row blocks slice every row value at the same rows: they must all have `rows` rows."""
+        for value in [*self.unit.args, *(r for op in self.unit.ops for r in op.results)]:
+            if id(value) in self._rows and env[id(value)].shape[0] != rows:
+                raise KernelCallError(f"kernel {self.label}: a value of type {value.type} has "
+                                      f"{env[id(value)].shape[0]} rows where the outputs have {rows}; the kernel "
+                                      "computes row blocks and needs one row count")
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """How one input signature runs: its output shapes, and each core's row range (row
+    blocks with enough work) or None (one call)."""
+
+    shapes: list[tuple[int, ...]]
+    row_ranges: list[tuple[int, int]] | None
+
+
+class _ArgumentLayout:
+    """Where each argument lives in the int64 buffer the packed C interface reads.
+
+    A memref is its descriptor (allocated and aligned pointers, offset, sizes, strides)
+    plus a slot holding the descriptor's address (the C interface takes memrefs by
+    pointer); a scalar is one word.  The pointer array is fixed per buffer, so a call
+    only rewrites pointers, sizes and scalars."""
+
+    def __init__(self, types: list[Any]):
+        self.starts: list[int] = []
+        self.kinds: list[str] = []
+        words = 0
+        for t in types:
+            self.starts.append(words)
+            if isinstance(t, TensorType):
+                self.kinds.append("tensor")
+                words += 3 + 2 * t.rank
+            else:
+                self.kinds.append(t.name if t.name in ("f32", "f64") else "int")
+                words += 1
+        self.address_slots = {start: words + i for i, start in enumerate(
+            s for s, kind in zip(self.starts, self.kinds) if kind == "tensor")}
+        self.size = words + len(self.address_slots)
+        self._local = threading.local()
+
+    def call(self, entry: Any, values: Sequence[Any]) -> None:
+        buffer, pointers = self._buffers()
+        for start, kind, value in zip(self.starts, self.kinds, values):
+            if kind == "tensor":
+                pointer = value.data_ptr()
+                end = start + 3 + 2 * value.dim()
+                buffer[start:end] = (pointer, pointer, 0, *value.shape, *value.stride())
+            else:
+                buffer[start] = _scalar_word(value, kind)
+        entry(pointers)
+
+    def _buffers(self) -> tuple[Any, Any]:
+        """This thread's buffer and pointer array (created on its first call)."""
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffer = (ctypes.c_int64 * self.size)()
+            base = ctypes.addressof(buffer)
+            for start, slot in self.address_slots.items():
+                buffer[slot] = base + 8 * start
+            pointers = (ctypes.c_void_p * len(self.starts))(
+                *(base + 8 * self.address_slots.get(start, start) for start in self.starts))
+            buffers = self._local.buffers = (buffer, pointers)
+        return buffers
+
+
+PARALLEL_MIN_ELEMENTS = 1 << 16  # below this many elements, a thread hand-off costs more than it saves
+
+
+@functools.cache
+def _thread_pool() -> ThreadPoolExecutor:
+    # ctypes releases the GIL during the call, so kernel calls from these threads run in parallel.
+    return ThreadPoolExecutor(max_workers=max(host_cpu().cores - 1, 1), thread_name_prefix="flagtree-cpu")
+
+
+def _meta_run(op: Operation, operands: list[Any]) -> list[Any]:
+    """The op's results on meta tensors (shapes only), checking the no-dynamic-broadcast rule."""
+    result_types = [r.type for r in op.results]
+    tensor_operands = [o for o in operands if isinstance(o, torch.Tensor)]
+    if not tensor_operands and isinstance(result_types[0], TensorType):
+        # Generators and literals: only the result's shape matters.
+        t = result_types[0]
+        return [torch.empty(runtime_shape(t, operands), dtype=t.dtype.torch_dtype, device="meta")]
+    out = lookup(op.name).reference(operands, op.attributes, result_types)
+    results = list(out) if isinstance(out, tuple) else [out]
+    if has_trait(op, ELEMENTWISE) or op.name == "ft.broadcast_to":
+        _check_no_dynamic_broadcast(op.operands, operands, results[0])
+    return results
+
+
+def _check_no_dynamic_broadcast(values: list[Value], operands: list[Any], result: Any) -> None:
+    for value, operand in zip(values, operands):
+        if not isinstance(value.type, TensorType):
+            continue
+        offset = result.dim() - operand.dim()
+        for k, d in enumerate(value.type.shape):
+            if d is None and operand.shape[k] != result.shape[offset + k]:
+                raise ValueError(f"dynamic dim {k} of an operand ({operand.shape[k]}) is broadcast to "
+                                 f"{result.shape[offset + k]}; compiled kernels require `?` dims not to "
+                                 "broadcast (recompile with that dim static)")
+
+
+def _scalar_word(value: Any, kind: str) -> int:
+    """A scalar argument as the int64 word the packed interface reads (little-endian)."""
+    if kind == "f64":
+        return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+    if kind == "f32":
+        return struct.unpack("<i", struct.pack("<f", float(value)))[0]
+    return int(value)
