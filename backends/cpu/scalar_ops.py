@@ -334,10 +334,3 @@ def lower(w: FunctionWriter, op_name: str, operands: list[Operand], result: Scal
     if name == "cast":
         return cast(w, operands[0][0], operands[0][1], result)
     raise UnsupportedError(f"'{op_name}' has no cpu lowering")
-
-
-def is_lowerable(op_name: str) -> bool:
-    """Whether `lower` knows `op_name` (types are checked when lowering)."""
-    name = op_name.removeprefix("ft.")
-    return name in (_UNARY_FLOAT_NAMES | _UNARY_ANY_NAMES | _PREDICATE_NAMES | _BINARY_NAMES | _LOGICAL_NAMES
-                    | set(_FLOAT_PREDICATES) | {"where", "clamp", "cast"})

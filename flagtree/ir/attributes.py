@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flagtree.ir.types import FunctionType, ScalarType, TensorType, Type, from_torch_dtype
+from flagtree.ir.types import FunctionType, ScalarType, TensorType, from_torch_dtype
 
 
 @dataclass(frozen=True, eq=False)
@@ -277,25 +277,3 @@ def _map_nested(data: Any, fn: Any) -> Any:
 
 def _any_nested(data: Any, predicate: Any) -> bool:
     return any(_any_nested(d, predicate) for d in data) if isinstance(data, list) else predicate(data)
-
-
-def attr_type_name(value: Attribute) -> str:
-    """A short kind name used in verifier messages."""
-    for kind, name in (
-        (bool, "bool"),
-        (int, "int"),
-        (float, "float"),
-        (str, "string"),
-        (tuple, "int array"),
-        (list, "array"),
-        (dict, "dictionary"),
-        (DenseAttr, "dense"),
-        (ResourceAttr, "resource"),
-    ):
-        if isinstance(value, kind):
-            return name
-    if value is None:
-        return "unit"
-    if isinstance(value, Type.__args__):
-        return "type"
-    return type(value).__name__

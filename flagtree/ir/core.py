@@ -50,9 +50,6 @@ class Value:
             seen.setdefault(id(op), op)
         return list(seen.values())
 
-    def has_uses(self) -> bool:
-        return bool(self.uses)
-
     def replace_all_uses_with(self, new: Value) -> None:
         for op, index in list(self.uses):
             op.set_operand(index, new)
@@ -148,10 +145,6 @@ class Operation:
     @property
     def result_types(self) -> list[Type]:
         return [r.type for r in self.results]
-
-    @property
-    def dialect(self) -> str:
-        return self.name.split(".", 1)[0]
 
     @property
     def short_name(self) -> str:
