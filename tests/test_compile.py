@@ -147,6 +147,8 @@ def test_reports_describe_each_compiled_graph(caplog):
     assert report.backend == DEFAULT_CPU_BACKEND
     assert report.graph.startswith("graph_") and report.graph.endswith("_inference")
     assert report.fallbacks == {}
+    groups = {kind: n for kind, n in report.fusions.items() if kind.endswith("_group")}
+    assert sum(groups.values()) == report.op_counts.get("ft.fusion", 0)
     assert report.op_counts["ft.matmul"] >= 7  # q, k, v, o, and three SwiGLU projections
     assert all(count > 0 for count in report.op_counts.values())
     backend = all_backends()[report.backend]

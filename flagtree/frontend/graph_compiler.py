@@ -127,6 +127,14 @@ def _device_of(example_inputs: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
+def _fusion_kind(op: Any) -> str:
+    """A fused op's kind for reports: its name without the dialect (`attention`), or for a
+    codegen group (`ft.fusion`) what it groups, e.g. `elementwise_group`."""
+    if op.name == "ft.fusion":
+        return f"{op.attributes.get('kind', 'elementwise')}_group"
+    return op.short_name
+
+
 def _report(
     graph: str,
     backend: str,
@@ -142,7 +150,7 @@ def _report(
         graph=graph,
         backend=backend,
         pipeline=pipeline,
-        fusions=dict(Counter(op.short_name for op in ops if has_trait(op, FUSED))),
+        fusions=dict(Counter(_fusion_kind(op) for op in ops if has_trait(op, FUSED) or op.name == "ft.fusion")),
         fallbacks=dict(fallbacks),
         fallback_reasons={name: reason for name, reason in fallback_reasons.items() if name in fallbacks},
         op_counts=dict(Counter(op.name for op in ops)),
