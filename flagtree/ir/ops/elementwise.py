@@ -54,32 +54,26 @@ def _infer_logical(op: Operation) -> list[Type] | str:
     return [like(shape, I1, _any_tensor(op))]
 
 
-def _infer_float(op: Operation) -> list[Type] | str:
-    inferred = _infer_same(op)
-    if isinstance(inferred, str):
+def _infer_same_rejecting(rejects: Callable[[ScalarType], bool], message: str) -> Callable[..., list[Type] | str]:
+    """`_infer_same`, plus `message` (formatted with `op` and `dtype`) for element types `rejects` flags."""
+
+    def infer(op: Operation) -> list[Type] | str:
+        inferred = _infer_same(op)
+        if isinstance(inferred, str):
+            return inferred
+        dtype = elem_of(inferred[0])
+        if rejects(dtype):
+            return message.format(op=op.name, dtype=dtype)
         return inferred
-    if not elem_of(inferred[0]).is_float:
-        return f"'{op.name}' needs floating-point operands, not {elem_of(inferred[0])}"
-    return inferred
+
+    return infer
 
 
-def _infer_numeric(op: Operation) -> list[Type] | str:
-    """Arithmetic torch does not define on booleans."""
-    inferred = _infer_same(op)
-    if isinstance(inferred, str):
-        return inferred
-    if elem_of(inferred[0]) == I1:
-        return f"'{op.name}' is not defined on i1 (use the logical ops, or ft.cast to an integer type)"
-    return inferred
-
-
-def _infer_bitwise(op: Operation) -> list[Type] | str:
-    inferred = _infer_same(op)
-    if isinstance(inferred, str):
-        return inferred
-    if elem_of(inferred[0]).is_float:
-        return f"'{op.name}' needs integer or i1 operands, not {elem_of(inferred[0])}"
-    return inferred
+_infer_float = _infer_same_rejecting(lambda d: not d.is_float, "'{op}' needs floating-point operands, not {dtype}")
+# Arithmetic torch does not define on booleans.
+_infer_numeric = _infer_same_rejecting(
+    lambda d: d == I1, "'{op}' is not defined on i1 (use the logical ops, or ft.cast to an integer type)")
+_infer_bitwise = _infer_same_rejecting(lambda d: d.is_float, "'{op}' needs integer or i1 operands, not {dtype}")
 
 
 def _as_tensor(x: Any, t: Type) -> Any:
