@@ -2,10 +2,10 @@
 
 Each top-level op of the function becomes plan lines:
 
-- `ft.fusion`: whatever the backend's callback writes (kernel launches); a region the
-  callback cannot generate code for raises `UnsupportedRegion` and runs its ops through
-  their reference implementations instead, counted in the plan's `fallback_ops` and
-  logged once through the `flagtree` logger;
+- ops the backend has a lowering for (`ft.fusion` regions, `ft.attention`, ...): whatever
+  that lowering writes (kernel launches); an op it cannot generate code for raises
+  `UnsupportedRegion` and runs through its reference implementation instead (a region op
+  by op), counted in the plan's `fallback_ops` and logged once through the `flagtree` logger;
 - `ft.matmul`: `torch.matmul` (BLAS / cuBLAS);
 - `ft.dim`: `s0 = arg0.shape[1]`; `ft.full`: `torch.full(...)`;
 - every other op: a call to its reference implementation, bound as a readable global
@@ -39,10 +39,10 @@ class UnsupportedRegion(FlagtreeError):
     """A fusion region a backend cannot generate code for; the message says which op and why."""
 
 
-# The backend's code generator for one `ft.fusion` op: it receives the op, the writer
-# and the plan names of the op's operands, writes the launch lines and returns the plan
-# names of the op's results.
-FusionLowering = Callable[[Operation, PlanWriter, list[str]], list[str]]
+# A backend's code generator for one op (an `ft.fusion`, an `ft.attention`, ...): it receives
+# the op, the writer and the plan names of the op's operands, writes the launch lines and
+# returns the plan names of the op's results.
+OpLowering = Callable[[Operation, PlanWriter, list[str]], list[str]]
 
 
 class ReferenceOp:
@@ -79,24 +79,24 @@ class ReferenceRegion:
 def lower_function(
     module: Module,
     backend: str,
-    lower_fusion: FusionLowering,
+    lowerings: dict[str, OpLowering],
     function: str = "main",
     default_device: str = "cpu",
 ) -> LaunchPlan:
-    """The launch plan of `@function`; `lower_fusion` writes each ft.fusion's launches.
+    """The launch plan of `@function`; `lowerings[op name]` writes the launches of those ops.
 
     default_device: where allocations go when the function takes no tensor argument.
     """
-    return _Lowering(module, backend, lower_fusion, function, default_device).run()
+    return _Lowering(module, backend, lowerings, function, default_device).run()
 
 
 class _Lowering:
-    def __init__(self, module: Module, backend: str, lower_fusion: FusionLowering, function: str,
+    def __init__(self, module: Module, backend: str, lowerings: dict[str, OpLowering], function: str,
                  default_device: str):
         self.module = module
         self.block = module.function(function).regions[0].block
         self.writer = PlanWriter(backend, len(self.block.args), function)
-        self.lower_fusion = lower_fusion
+        self.lowerings = lowerings
         self.default_device = default_device
         self.names: dict[int, str] = {}
 
@@ -137,8 +137,8 @@ class _Lowering:
 
     def _lower_op(self, op: Operation) -> None:
         operands = [self.names[id(v)] for v in op.operands]
-        if op.name == "ft.fusion":
-            results = self._lower_fusion(op, operands)
+        if op.name in self.lowerings:
+            results = self._lower_by_backend(op, operands)
         elif op.name == "ft.matmul":
             results = [self.writer.new_buffer()]
             self.writer.line(f"{results[0]} = torch.matmul({operands[0]}, {operands[1]})")
@@ -153,16 +153,18 @@ class _Lowering:
         for result, name in zip(op.results, results):
             self.names[id(result)] = name
 
-    def _lower_fusion(self, op: Operation, operands: list[str]) -> list[str]:
+    def _lower_by_backend(self, op: Operation, operands: list[str]) -> list[str]:
         try:
-            return self.lower_fusion(op, self.writer, operands)
+            return self.lowerings[op.name](op, self.writer, operands)
         except UnsupportedRegion as e:
             where = op.location
-            logger.warning("flagtree %s backend: ft.fusion at %s runs op by op in eager torch: %s",
-                           self.writer.backend, where, e)
-            self.writer.fallback_ops[f"ft.fusion ({e})"] += 1
+            logger.warning("flagtree %s backend: %s at %s runs in eager torch: %s",
+                           self.writer.backend, op.name, where, e)
+            self.writer.fallback_ops[f"{op.name} ({e})"] += 1
+            self.writer.comment(f"{op.name} at {where} is not compiled: {e}")
+            if op.name != "ft.fusion":
+                return self._reference_call(op, operands)
             region = self.writer.bind("eager_region", ReferenceRegion(op, self.module.resources))
-            self.writer.comment(f"ft.fusion at {where} is not compiled: {e}")
             return self._assign(op, f"{region}({', '.join(operands)})", unpack_list=True)
 
     def _full(self, op: Operation, operands: list[str]) -> str:

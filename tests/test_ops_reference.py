@@ -763,6 +763,64 @@ def _return_case() -> Case:
     return Case(spec, lambda inputs, attrs, types: [_np(x) for x in inputs], dynamic=False)
 
 
+def _attention_case() -> Case:
+    """Random GQA shapes, causal kinds, windows, bool or additive masks and sinks."""
+    def spec(draw) -> Spec:
+        dtype = draw(st.sampled_from(("f32", "f64")))
+        batch, kv_heads, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+        sq, skv = draw(st.integers(1, 6)), draw(st.integers(1, 7))
+        dqk, dv = draw(st.sampled_from((1, 4))), draw(st.sampled_from((1, 3)))
+        heads = kv_heads * group
+        causal = draw(st.sampled_from(("none", "upper_left", "lower_right")))
+        mask_dtype = draw(st.sampled_from((None, "i1", dtype)))
+        sinks = draw(st.booleans())
+        attrs = {"scale": draw(st.sampled_from((0.5, 1.0))), "causal": causal,
+                 "window": 0 if causal == "none" else draw(st.integers(0, 3)),
+                 "has_mask": mask_dtype is not None, "has_sinks": sinks}
+        shapes = [(batch, heads, sq, dqk), (batch, kv_heads, skv, dqk), (batch, kv_heads, skv, dv)]
+        if mask_dtype:
+            shapes.append((1, draw(st.sampled_from((1, heads))), sq, skv))
+        if sinks:
+            shapes.append((heads,))
+        dtypes = [dtype, dtype, dtype, *([mask_dtype] if mask_dtype else []), *([dtype] if sinks else [])]
+        return Spec([_t(s, d) for s, d in zip(shapes, dtypes)],
+                    [_tensor(draw, s, d) for s, d in zip(shapes, dtypes)], attrs)
+
+    return Case(spec, _attention_oracle, dynamic=False)
+
+
+def _attention_oracle(inputs: list[Any], attrs: dict, types: list[Type]) -> list[Any]:
+    """ft.attention from its definition, one query row at a time, in float64."""
+    q, k, v = map(_np, inputs[:3])
+    mask = _np(inputs[3]) if attrs["has_mask"] else None
+    sinks = _np(inputs[-1]) if attrs["has_sinks"] else None
+    batch, heads, sq, _ = q.shape
+    skv = k.shape[2]
+    group = heads // k.shape[1]
+    offset = {"none": None, "upper_left": 0, "lower_right": skv - sq}[attrs["causal"]]
+    out = np.zeros((batch, heads, sq, v.shape[3]))
+    for b, h, i in np.ndindex(batch, heads, sq):
+        logits, values = [], []
+        for j in range(skv):
+            if offset is not None and (j > i + offset or (attrs["window"] and i + offset - j >= attrs["window"])):
+                continue
+            score = attrs["scale"] * float(q[b, h, i] @ k[b, h // group, j])
+            if mask is not None:
+                m = mask[0, h % mask.shape[1], i, j]
+                if mask.dtype == bool and not m:
+                    continue
+                score += 0.0 if mask.dtype == bool else m
+            logits.append(score)
+            values.append(v[b, h // group, j])
+        if sinks is not None:
+            logits.append(sinks[h])
+            values.append(np.zeros(v.shape[3]))
+        if logits:
+            weights = np.exp(np.array(logits) - max(logits))
+            out[b, h, i] = weights @ np.array(values) / weights.sum()
+    return [out]
+
+
 CASES: dict[str, Case] = {
     # unary floating-point math
     "ft.exp": _unary(np.exp),
@@ -860,6 +918,7 @@ CASES: dict[str, Case] = {
     "ft.constant": _constant_case(),
     "ft.matmul": _matmul_case(),
     "ft.conv": _conv_case(),
+    "ft.attention": _attention_case(),
     # fallback calls and structure
     "ft.torch_call": _torch_call_case(),
     "ft.fusion": _region_case(outputs=1),

@@ -106,7 +106,7 @@ def _eager_regions(op, writer, operands):
 def test_lowering_writes_library_calls_reference_calls_and_deletes_dead_buffers(caplog):
     module = parse_module(MODULE, "plan.ftir")
     with caplog.at_level(logging.WARNING, logger="flagtree"):
-        plan = lower_function(module, "test", _eager_regions)
+        plan = lower_function(module, "test", {"ft.fusion": _eager_regions})
     source = plan.source
     assert "buf0 = torch.matmul(arg0, arg1)" in source
     assert "const0 = dense.on(device)" in source
@@ -129,7 +129,7 @@ def test_the_fusion_callback_names_the_region_results():
         writer.line(f"fused = {operands[0]} + {operands[1]}")
         return ["fused"]
 
-    plan = lower_function(module, "test", add_in_plan)
+    plan = lower_function(module, "test", {"ft.fusion": add_in_plan})
     assert "fused = buf0 + const0" in plan.source
     args = [torch.randn(4, 2), torch.randn(2, 3)]
     assert torch.equal(plan(*args)[0], run_module(module, args)[0])
@@ -143,7 +143,7 @@ def test_scalar_constants_and_fills_with_inf_and_nan_are_python_literals():
     scalars = [b.value("ft.constant", value=v, result_type=parse_type("f32")) for v in (math.nan, -math.inf, 1.5)]
     filled = b.value("ft.full", value=math.inf, result_type=parse_type("tensor<2xf32>"))
     b.create("func.return", [*scalars, filled], result_types=[])
-    nan, minus_inf, one_and_a_half, infinities = lower_function(module, "test", _eager_regions)()
+    nan, minus_inf, one_and_a_half, infinities = lower_function(module, "test", {"ft.fusion": _eager_regions})()
     assert math.isnan(nan) and minus_inf == -math.inf and one_and_a_half == 1.5
     assert torch.equal(infinities, torch.full((2,), math.inf))
 
@@ -153,7 +153,7 @@ def test_scalar_constants_and_fills_with_inf_and_nan_are_python_literals():
 def test_lowered_random_programs_compute_what_the_reference_computes(module, seed):
     inputs = random_inputs(module, seed)
     expected = run_module(module, inputs)
-    actual = lower_function(module, "test", _eager_regions)(*inputs)
+    actual = lower_function(module, "test", {"ft.fusion": _eager_regions})(*inputs)
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
         if isinstance(e, torch.Tensor):

@@ -55,7 +55,7 @@ class CpuBackend(Backend):
         return "fuse-elementwise"
 
     def compile(self, module: Module, capabilities: Capabilities) -> LaunchPlan:
-        return lower_function(module, self.name, _FusionCompiler(capabilities))
+        return lower_function(module, self.name, {"ft.fusion": _FusionCompiler(capabilities)})
 
     def emit_forms(self) -> tuple[str, ...]:
         return ("mlir", "python")

@@ -76,5 +76,5 @@ class TritonBackend(Backend):
             writer.note(f"{name}: ft.fusion at {op.location} -> {kernel.path}")
             return write_launch(kernel.launch, name, writer, operands)
 
-        plan = lower_function(module, self.name, lower_fusion, default_device=self.default_device)
+        plan = lower_function(module, self.name, {"ft.fusion": lower_fusion}, default_device=self.default_device)
         return plan, kernels

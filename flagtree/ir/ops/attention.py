@@ -1,0 +1,144 @@
+"""`ft.attention`: scaled dot-product attention as one op (produced by fuse-attention and the importer).
+
+Semantics (every backend must match the reference below):
+
+    q: [B, Hq, Sq, Dqk]   k: [B, Hkv, Skv, Dqk]   v: [B, Hkv, Skv, Dv]   result: [B, Hq, Sq, Dv], q's dtype
+
+- Query head h reads KV head h // (Hq / Hkv) (GQA / MQA; Hq must be a multiple of Hkv), as
+  `repeat_interleave` and SDPA's `enable_gqa` do.
+- Scores s[i, j] = scale · Σ_d q[i, d]·k[j, d], computed in f32 (or f64 for f64 inputs).
+- Visibility: with `causal` = "upper_left" the offset is 0, with "lower_right" it is Skv − Sq
+  (a query block at the end of the keys, as in decode with a KV cache); key j is visible to
+  query i iff j ≤ i + offset, and, when `window` > 0, also i + offset − j < window (the query
+  sees its `window` most recent keys, itself included).  "none" makes every key visible; a
+  window needs a causal offset.
+- Mask (operand 3 when `has_mask`), broadcastable to [B, Hq, Sq, Skv]: i1 keeps the keys where
+  it is true; a float mask is added to the scores (−inf hides a key).
+- Sinks (the last operand when `has_sinks`), [Hq]: one logit per head that joins the softmax
+  denominator and carries no value (Σ_j exp(s_ij − m) + exp(sink_h − m)).
+- p = softmax_j(s) over the visible keys; result = p · v, cast to q's dtype.  A row that sees no
+  key (and has no sink) is defined as 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flagtree.ir.core import Operation
+from flagtree.ir.opdef import FUSED, PURE, AttrSpec, OpDef, register
+from flagtree.ir.types import TensorType, Type, broadcast_shapes
+
+CAUSAL_KINDS = ("none", "upper_left", "lower_right")
+_FLOAT_TYPES = frozenset({"f64", "f32", "f16", "bf16"})
+
+ATTENTION_ATTRS = {
+    "scale": AttrSpec((float,), "multiplies q·kᵀ"),
+    "causal": AttrSpec((str,), "none | upper_left | lower_right (the causal diagonal's offset: 0 or Skv − Sq)"),
+    "window": AttrSpec((int,), "sliding window: each query sees its `window` latest visible keys; 0 = unlimited"),
+    "has_mask": AttrSpec((bool,), "operand 3 is a mask (i1: keep where true; float: added to the scores)"),
+    "has_sinks": AttrSpec((bool,), "the last operand holds one sink logit per query head, [Hq]"),
+}
+
+
+def _dims_agree(a: int | None, b: int | None) -> bool:
+    return a is None or b is None or a == b
+
+
+def _check_operands(op: Operation) -> str | None:
+    """Why the operands do not form an attention, or None."""
+    a = op.attributes
+    expected = 3 + a["has_mask"] + a["has_sinks"]
+    if len(op.operands) != expected:
+        return f"expected {expected} operands (q, k, v{', mask' * a['has_mask']}{', sinks' * a['has_sinks']}), " \
+               f"got {len(op.operands)}"
+    types = [v.type for v in op.operands]
+    if not all(isinstance(t, TensorType) for t in types):
+        return "every operand must be a tensor"
+    q, k, v = types[:3]
+    if any(t.rank != 4 for t in (q, k, v)):
+        return f"q, k and v must have rank 4 [batch, heads, seq, dim], got {q}, {k}, {v}"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype.name not in _FLOAT_TYPES:
+        return f"q, k and v must share one float element type, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not (_dims_agree(q.shape[0], k.shape[0]) and _dims_agree(k.shape[0], v.shape[0])):
+        return "q, k and v must have the same batch size"
+    if not (_dims_agree(k.shape[1], v.shape[1]) and _dims_agree(k.shape[2], v.shape[2])):
+        return "k and v must have the same number of heads and keys"
+    if not _dims_agree(q.shape[3], k.shape[3]):
+        return f"q and k head dims differ: {q.shape[3]} vs {k.shape[3]}"
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq is not None and hkv is not None and hq % hkv:
+        return f"query heads ({hq}) must be a multiple of KV heads ({hkv})"
+    if a["causal"] not in CAUSAL_KINDS:
+        return f"causal must be one of {', '.join(CAUSAL_KINDS)}, got '{a['causal']}'"
+    if a["window"] < 0 or (a["window"] and a["causal"] == "none"):
+        return "window must be >= 0, and a window needs causal = upper_left or lower_right"
+    if a["has_mask"]:
+        mask = types[3]
+        scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        try:
+            ok = mask.rank == 4 and broadcast_shapes(mask.shape, scores) is not None
+        except ValueError:
+            ok = False
+        if not ok or not (mask.dtype.name == "i1" or mask.dtype.name in _FLOAT_TYPES):
+            return f"mask {mask} must be i1 or float, rank 4, broadcastable to [B, Hq, Sq, Skv]"
+    if a["has_sinks"]:
+        sinks = types[-1]
+        if sinks.rank != 1 or not _dims_agree(sinks.shape[0], hq) or sinks.dtype.name not in _FLOAT_TYPES:
+            return f"sinks {sinks} must be a float vector with one logit per query head"
+    return None
+
+
+def _infer_attention(op: Operation) -> list[Type] | str:
+    problem = _check_operands(op)
+    if problem:
+        return problem
+    q, _, v = (o.type for o in op.operands[:3])
+    return [TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype)]
+
+
+def visible_keys(sq: int, skv: int, causal: str, window: int, device: torch.device | None = None) -> torch.Tensor:
+    """[Sq, Skv] bool: which keys each query may see under `causal` and `window` (see the module doc)."""
+    if causal == "none":
+        return torch.ones(sq, skv, dtype=torch.bool, device=device)
+    offset = 0 if causal == "upper_left" else skv - sq
+    distance = torch.arange(sq, device=device)[:, None] + offset - torch.arange(skv, device=device)[None, :]
+    visible = distance >= 0
+    return visible & (distance < window) if window else visible
+
+
+def attention_reference(args: list[Any], attrs: dict[str, Any], result_types: list[Type]) -> torch.Tensor:
+    """Eager ft.attention, computed in f32 (f64 for f64 inputs)."""
+    q, k, v = args[:3]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    k = k.to(compute).repeat_interleave(group, dim=1)
+    v = v.to(compute).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(compute), k.transpose(-1, -2)) * attrs["scale"]
+    visible = visible_keys(q.shape[2], k.shape[2], attrs["causal"], attrs["window"], q.device)
+    if attrs["has_mask"]:
+        mask = args[3]
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            scores = scores + mask.to(compute)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if attrs["has_sinks"]:
+        sinks = args[-1].to(compute).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sinks], dim=-1)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denominator = weights.sum(dim=-1, keepdim=True)
+    probabilities = weights / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    if attrs["has_sinks"]:
+        probabilities = probabilities[..., :-1]
+    return torch.matmul(probabilities, v).to(q.dtype)
+
+
+register(OpDef(
+    "ft.attention", "softmax(scale·q·kᵀ, causal/window/mask, sinks)·v with GQA; see ops/attention.py",
+    (3, 5), attrs=ATTENTION_ATTRS, traits=frozenset({PURE, FUSED}), infer=_infer_attention,
+    reference=attention_reference, operand_doc="q, k, v, optional mask, optional sinks",
+))
