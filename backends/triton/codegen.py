@@ -20,7 +20,8 @@ Two kernel shapes:
   processed in one block (persistent, when R fits) or in a loop of RBLOCK steps.
   Reductions that depend on other reductions (softmax: the max, then the sum of
   exp(x - max)) run in successive passes over the row; values downstream of a reduction
-  and outputs are computed after it.  Floating accumulators are f32 (f64 for f64).
+  and outputs are computed after it.  Floating accumulators are f32 (f64 for f64); a
+  bf16/f16 sum, mean or softmax is rounded to its type once, at the end, as torch does.
 
 Every index variable and expression records the kernel axes it varies along ("x": the
 flat index or the rows, "r": the row block), which decides masks and lets row-level
@@ -41,6 +42,7 @@ from flagtree.backends.triton.ops import (
     NAN_ALL,
     Operand,
     cast,
+    cast_is_free,
     compute_type,
     emit_elementwise,
     fold_constants,
@@ -48,6 +50,7 @@ from flagtree.backends.triton.ops import (
     is_narrow,
     literal,
     lowest,
+    rounded,
     storage_type,
 )
 from flagtree.backends.triton.shapes import (
@@ -521,13 +524,17 @@ class _ReductionKernel(_Kernel):
             self.levels[id(r)] = level
 
     def _converted(self, x: Value, index: tuple[Index, ...], op: Operation) -> Emitted:
-        """x in the compute type of op's result (softmax computes in its result type)."""
+        """x cast to op's result type (softmax computes in its result type), once per index."""
         e = self.value(x, index)
         target = op.results[0].type.dtype
-        if compute_type(e.dtype) == compute_type(target):
+        if cast_is_free(e.dtype, target):
             return Emitted(e.text, target, e.axes, e.constant)
-        self.axes = e.axes
-        return Emitted(self.tmp(f"{self.materialize(e)}.to({compute_type(target)})"), target, e.axes)
+        key = (id(op), ("converted", *(i.expr for i in index)))
+        if key not in self.memo:
+            self.axes = e.axes
+            text = self.tmp(cast(self, Operand(self.materialize(e), e.dtype), target))
+            self.memo[key] = Emitted(text, target, e.axes)
+        return self.memo[key]
 
     def _shifted_exp(self, op: Operation, row_max: _Reduction, index: tuple[Index, ...]) -> Emitted:
         x = self._converted(op.operands[0], index, op)
@@ -649,11 +656,13 @@ class _ReductionKernel(_Kernel):
         red = nodes[0].result
         self.axes = X
         if op.name == "ft.mean":
-            return Emitted(self.tmp(f"{red.text} / {self.divisor([self.iteration[d] for d in self.reduced])}"),
-                           dtype, X)
+            mean = f"{red.text} / {self.divisor([self.iteration[d] for d in self.reduced])}"
+            return Emitted(self.tmp(rounded(mean, dtype)), dtype, X)
         if op.name == "ft.sum" and not dtype.is_float:
             return Emitted(self.tmp(cast(self, Operand(red.text, ScalarType("i64")), dtype)), dtype, X)
-        return Emitted(red.text, dtype, X)
+        if op.name == "ft.sum" and is_narrow(dtype):
+            return Emitted(self.tmp(rounded(red.text, dtype)), dtype, X)
+        return Emitted(red.text, dtype, X)  # amax, amin: one of the row's values
 
     def _normalized(self, op: Operation, nodes: list[_Reduction], dtype: ScalarType,
                     index: tuple[Index, ...]) -> Emitted:
@@ -662,8 +671,8 @@ class _ReductionKernel(_Kernel):
         x = self._converted(op.operands[0], index, op)
         self.axes = x.axes | X
         if op.name == "ft.softmax":
-            return Emitted(self.tmp(f"tl.exp({x.text} - {row_max}) / {exp_sum}"), dtype, self.axes)
-        return Emitted(self.tmp(f"{x.text} - {row_max} - tl.log({exp_sum})"), dtype, self.axes)
+            return Emitted(self.tmp(rounded(f"tl.exp({x.text} - {row_max}) / {exp_sum}", dtype)), dtype, self.axes)
+        return Emitted(self.tmp(rounded(f"{x.text} - {row_max} - tl.log({exp_sum})", dtype)), dtype, self.axes)
 
     # --- outputs -------------------------------------------------------------------------------
 

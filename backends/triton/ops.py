@@ -1,9 +1,14 @@
 """FTIR elementwise ops as Triton expressions (core `tl` only: no libdevice).
 
 Values are held in a *compute type*: f16, bf16 and fp8 compute in f32 (as torch's CUDA
-kernels do), everything else in its own type.  An explicit `ft.cast` to a narrow float
-rounds (`x.to(tl.bfloat16).to(tl.float32)`), so casts keep their meaning; the chain
-between casts stays in f32, which is at least as accurate as eager.
+kernels do), everything else in its own type.  Every op whose result is a narrow float
+rounds that result to its type (`(x + y).to(tl.bfloat16).to(tl.float32)`), as eager
+torch stores each op's result in it: the program means what its types say.  Keeping a
+chain of bf16 ops in f32 instead would be closer to exact arithmetic, but not to the
+program: a later cast to f32 would keep digits the bf16 value never had, and a
+comparison, `floor` or integer cast of the unrounded value can differ from eager's
+by a whole step.  Ops whose result is one of their operands, or an integer next to one
+(neg, abs, where, floor, ...), are exact in the operands' type and skip the rounding.
 
 NaN semantics follow torch: `maximum`/`minimum`/`clamp` propagate NaN
 (`propagate_nan=tl.PropagateNan.ALL`; the default drops NaN on GPUs), `relu(nan)` is NaN,
@@ -115,11 +120,23 @@ Emitter = Callable[[Temporaries, list[Operand], Operation], str]
 
 
 def emit_elementwise(code: Temporaries, operands: list[Operand], op: Operation) -> str:
-    """The Triton expression computing `op` on `operands` (in compute types)."""
+    """The Triton expression computing `op` on `operands` (in compute types), its result
+    rounded to its element type."""
     emitter = _EMITTERS.get(op.name)
     if emitter is None:
         raise UnsupportedRegion(f"'{op.name}' has no Triton lowering yet")
-    return emitter(code, operands, op)
+    text = emitter(code, operands, op)
+    if op.name in _EXACT_IN_OPERAND_TYPE:
+        return text
+    result = op.results[0].type
+    return rounded(text, result.dtype if isinstance(result, TensorType) else result)
+
+
+def rounded(text: str, dtype: ScalarType) -> str:
+    """`text`, computed in f32, rounded to `dtype` when that is a narrow float."""
+    if not is_narrow(dtype):
+        return text
+    return f"({text}).to({storage_type(dtype)}).to(tl.float32)"
 
 
 def fold_constants(operands: list[Operand], op: Operation) -> Any:
@@ -131,10 +148,16 @@ def fold_constants(operands: list[Operand], op: Operation) -> Any:
     return out.item()
 
 
+def cast_is_free(source: ScalarType, target: ScalarType) -> bool:
+    """Whether the compute type of `source` already holds its values as `target` (bf16 -> f32:
+    a bf16 value is held rounded, in f32)."""
+    return source == target or (compute_type(source) == compute_type(target) and not is_narrow(target))
+
+
 def cast(code: Temporaries, x: Operand, target: ScalarType) -> str:
     """`x` converted to `target` with torch's semantics (round to nearest even, truncate to int)."""
-    if x.dtype == target or (compute_type(x.dtype) == compute_type(target) and not is_narrow(target)):
-        return x.text  # a widening the compute type already holds (bf16 -> f32)
+    if cast_is_free(x.dtype, target):
+        return x.text
     if target.name == "i1":
         return f"({x.text} != 0)"
     if is_narrow(target):
@@ -333,6 +356,13 @@ def _isinf(c: Temporaries, a: list[Operand], op: Operation) -> str:
     x = a[0].text
     return f'tl.abs({x}) == float("inf")' if a[0].dtype.is_float else f"{x} != {x}"
 
+
+# Their result is one of their operands' values, or an integer within 1 of one: a float type
+# holds every integer up to where its spacing exceeds 1, and above that only integers.
+_EXACT_IN_OPERAND_TYPE = frozenset({
+    "ft.neg", "ft.abs", "ft.relu", "ft.sign", "ft.floor", "ft.ceil", "ft.trunc", "ft.round", "ft.where",
+    "ft.maximum", "ft.minimum",
+})
 
 _EMITTERS: dict[str, Emitter] = {
     "ft.exp": _call("tl.exp"),
