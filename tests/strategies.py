@@ -10,6 +10,8 @@
 - `runnable_modules()`: static shapes, element types the reference backend computes
   (f32, bf16, f16, i64, i1), no resources, ops without domain errors.  For differential
   tests (a pass before vs after, compiled vs eager) with `random_inputs`.
+- `result_tolerances(module, tolerance)`: how closely each result of a random program
+  can match eager, by the narrowest float type it is computed through.
 - `structure(module)`: a comparable, bit-exact summary of a module (floats by bit
   pattern, values by definition order), for "these two modules are the same" checks.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +36,7 @@ from flagtree.ir import (
     FunctionType,
     Location,
     Module,
+    OpResult,
     Region,
     ResourceAttr,
     ScalarType,
@@ -633,6 +637,31 @@ def seeds() -> st.SearchStrategy[int]:
 
 
 # ---------------------------------------------------------------- comparison
+
+
+def result_tolerances(module: Module, tolerance: Mapping[torch.dtype, float]) -> list[float]:
+    """For each result of @main, the `tolerance` of the narrowest float type it is computed
+    through: a value rounded to f16 on its way holds f16 precision whatever type it ends in,
+    and eager itself can be an f16 step off there (see test_triton_codegen's softmax test)."""
+    results = module.function("main").regions[0].block.terminator.operands
+    return [max((tolerance[t.torch_dtype] for t in _float_types_behind(v)), default=0.0) for v in results]
+
+
+def _float_types_behind(value: Value) -> set[ScalarType]:
+    """The float element types of `value` and every value it is computed from."""
+    seen, pending, types = set(), [value], set()
+    while pending:
+        v = pending.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        dtype = v.type.dtype if isinstance(v.type, TensorType) else v.type
+        if dtype.is_float:
+            types.add(dtype)
+        if isinstance(v, OpResult):
+            pending += v.op.operands
+            pending += [r for region in v.op.regions for op in region.block.ops for r in op.results]
+    return types
 
 
 def structure(module: Module, with_locations: bool = True) -> Any:

@@ -29,10 +29,7 @@ from flagtree.ir import (
     Builder,
     DenseAttr,
     Module,
-    OpResult,
     Region,
-    ScalarType,
-    TensorType,
     Value,
     new_function,
     parse_type,
@@ -40,7 +37,7 @@ from flagtree.ir import (
 )
 from flagtree.passes import PassManager
 from flagtree.runtime import cache_stats, reset_cache_stats
-from tests.strategies import random_inputs, runnable_modules, seeds
+from tests.strategies import random_inputs, result_tolerances, runnable_modules, seeds
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
@@ -361,7 +358,7 @@ def test_softmax_of_bf16_in_f32_with_a_looped_dynamic_row(backend):
 def test_random_programs_fused_by_fuse_elementwise_match_the_reference(backend, module, seed):
     inputs = random_inputs(module, seed)
     expected = run_module(module, inputs)
-    tolerances = result_tolerances(module)
+    tolerances = result_tolerances(module, TOLERANCE)
     PassManager("fuse-elementwise").run(module)
     actual = backend.compile(module, backend.capabilities())(*inputs)
     for a, e, tolerance in zip(actual, expected, tolerances, strict=True):
@@ -369,31 +366,6 @@ def test_random_programs_fused_by_fuse_elementwise_match_the_reference(backend, 
             assert_matches(a, e, tolerance)
         else:
             assert a == e
-
-
-def result_tolerances(module: Module) -> list[float]:
-    """For each result of @main, the tolerance of the narrowest float type it is computed
-    through: a value rounded to f16 on its way holds f16 precision whatever type it ends in,
-    and eager itself can be an f16 step off there (see the softmax test above)."""
-    results = module.function("main").regions[0].block.terminator.operands
-    return [max((TOLERANCE[t.torch_dtype] for t in _float_types_behind(v)), default=0.0) for v in results]
-
-
-def _float_types_behind(value: Value) -> set[ScalarType]:
-    """The float element types of `value` and every value it is computed from."""
-    seen, pending, types = set(), [value], set()
-    while pending:
-        v = pending.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        dtype = v.type.dtype if isinstance(v.type, TensorType) else v.type
-        if dtype.is_float:
-            types.add(dtype)
-        if isinstance(v, OpResult):
-            pending += v.op.operands
-            pending += [r for region in v.op.regions for op in region.block.ops for r in op.results]
-    return types
 
 
 # --- dynamic sizes, plans, fallbacks ------------------------------------------------------

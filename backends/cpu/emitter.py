@@ -14,6 +14,14 @@ Elementwise ops and views build lazy expressions (expr.py); loops are emitted on
 reductions, outputs and reshapes that are not views.  A unit whose results share a row
 axis (tiling.py) is emitted in row blocks: an `scf.for` over blocks of a `[lo, hi)` row
 range, so a softmax or norm reads each block from memory once and threads can split rows.
+
+f16/bf16 values are computed in f32, and every op rounds its result to its type, as eager
+torch stores each op's result in it: the kernel computes what the program's types say.
+Keeping a chain of bf16 ops in f32 would be closer to exact arithmetic but not to the
+program: a later cast to f32 would keep digits the bf16 value never had, and a comparison,
+`floor` or integer cast of the unrounded value can differ from eager's by a whole step.
+Reductions (sum, mean, var, prod, softmax) accumulate in f32 and round once, at the end,
+as torch's kernels do.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from flagtree.backends.cpu.expr import (
     Leaf,
     Map,
     Node,
+    Rounded,
     Scalar,
     Size,
     Tensor,
@@ -40,11 +49,13 @@ from flagtree.backends.cpu.expr import (
     leaf,
     leaves,
     reindex,
+    rounded,
 )
 from flagtree.backends.cpu.mlir_text import (
     FunctionWriter,
     UnsupportedError,
     compute_type,
+    is_narrow_float,
     memref_type,
     storage_type,
     tensor_type,
@@ -60,6 +71,14 @@ _SCALAR_ARG_TYPES = frozenset({"i64", "i32", "f64", "f32"})
 REDUCTIONS = frozenset({"ft.sum", "ft.prod", "ft.mean", "ft.amax", "ft.amin", "ft.any", "ft.all", "ft.var"})
 ARG_REDUCTIONS = frozenset({"ft.argmax", "ft.argmin"})
 SOFTMAX = frozenset({"ft.softmax", "ft.log_softmax"})
+# Elementwise ops whose f32 result is already a value of their f16/bf16 result type, so they
+# skip the rounding: the result is one of their operands' values, or an integer within 1 of
+# one (a float type holds every integer up to where its spacing exceeds 1, and above that
+# only integers); a cast rounds to its type by itself.
+_EXACT_IN_RESULT_TYPE = frozenset({
+    "ft.neg", "ft.abs", "ft.relu", "ft.sign", "ft.floor", "ft.ceil", "ft.trunc", "ft.round", "ft.where",
+    "ft.maximum", "ft.minimum", "ft.cast",
+})
 
 
 @dataclass(frozen=True, eq=False)
@@ -313,7 +332,8 @@ class _KernelEmitter:
         sizes = _broadcast_sizes(result.shape, tensors)
         nodes = [v if isinstance(v, Scalar) else self._broadcast(self._lazy(v), result.shape, sizes).node
                  for v in operands]
-        return Lazy(Apply(op.name, tuple(nodes), result.dtype, dict(op.attributes)), result.shape, sizes, result.dtype)
+        value = Lazy(Apply(op.name, tuple(nodes), result.dtype, dict(op.attributes)), result.shape, sizes, result.dtype)
+        return value if op.name in _EXACT_IN_RESULT_TYPE else rounded(value)
 
     def _scalar_op(self, op: Operation, operands: list[EnvValue]) -> Scalar:
         """An elementwise op on scalars (symbolic-size arithmetic): computed once, at function scope."""
@@ -321,6 +341,8 @@ class _KernelEmitter:
             raise UnsupportedError("scalar result from tensor operands")
         dtype = op.results[0].type
         ssa = scalar_ops.lower(self.w, op.name, [(v.ssa, v.dtype) for v in operands], dtype, dict(op.attributes))
+        if is_narrow_float(dtype) and op.name not in _EXACT_IN_RESULT_TYPE:
+            ssa = scalar_ops.round_to(self.w, ssa, dtype.name)
         return Scalar(ssa, dtype)
 
     def _broadcast(self, value: Lazy, shape: tuple[int | None, ...], sizes: tuple[Size, ...]) -> Lazy:
@@ -498,6 +520,8 @@ class _KernelEmitter:
         else:
             source = value if kind in ("any", "all") else _cast_to(value, result.dtype)
             reduced = leaf(self._reduce(source, dims, kind, result.dtype), result.dtype)
+        if kind not in ("amax", "amin"):  # those are one of the values, already of their type
+            reduced = rounded(reduced)
         return self._keepdim(reduced, value, dims, result) if op.attributes["keepdim"] else reduced
 
     def _keepdim(self, reduced: Lazy, source: Lazy, dims: tuple[int, ...], result: TensorType) -> Lazy:
@@ -614,6 +638,10 @@ class _KernelEmitter:
         return self.w.emit(f"arith.ori {better}, {first_nan} : i1")
 
     def _softmax(self, op: Operation, operands: list[EnvValue]) -> Lazy:
+        """softmax or log_softmax, computed in f32 for f16/bf16 and rounded to its type once, as torch does."""
+        return rounded(self._softmax_unrounded(op, operands))
+
+    def _softmax_unrounded(self, op: Operation, operands: list[EnvValue]) -> Lazy:
         result = self._result_type(op)
         x = _cast_to(self._lazy(operands[0]), result.dtype)
         dim = op.attributes["dim"] % x.rank
@@ -648,6 +676,7 @@ class _KernelEmitter:
         reuse: a value that only reads a tensor is that tensor (no loop).  Outputs pass False:
         their loop writes the output buffer in place, where copying a strided view into it
         would need MLIR's C runner library (`memrefCopy`), which the wheel does not ship."""
+        values = [_without_rounding_to(value, element) for value, element in zip(values, elements)]
         if reuse and len(values) == 1 and (read := as_tensor_read(values[0])) is not None \
                 and read.element == elements[0]:
             return [read]
@@ -718,6 +747,8 @@ class _KernelEmitter:
             elif isinstance(node, Index):
                 ssa = self.w.constant(0, "i64") if node.dim is None else self.w.emit(
                     f"arith.index_cast {self.w.emit(f'linalg.index {node.dim} : index')} : index to i64")
+            elif isinstance(node, Rounded):
+                ssa = scalar_ops.round_to(self.w, visit(node.operand), node.dtype.name)
             else:
                 operands = [(visit(o), o.dtype) for o in node.operands]
                 ssa = scalar_ops.lower(self.w, node.name, operands, node.dtype, node.attrs)
@@ -786,12 +817,15 @@ def _expensive(root: Node) -> bool:
     stack, seen = [root], set()
     while stack:
         node = stack.pop()
-        if id(node) in seen or not isinstance(node, Apply):
+        if id(node) in seen:
             continue
         seen.add(id(node))
-        if node.name in _EXPENSIVE:
-            return True
-        stack.extend(node.operands)
+        if isinstance(node, Rounded):
+            stack.append(node.operand)
+        elif isinstance(node, Apply):
+            if node.name in _EXPENSIVE:
+                return True
+            stack.extend(node.operands)
     return False
 
 
@@ -799,6 +833,15 @@ def _cast_to(value: Lazy, dtype: ScalarType) -> Lazy:
     if value.dtype == dtype:
         return value
     return Lazy(Apply("ft.cast", (value.node,), dtype), value.shape, value.sizes, dtype)
+
+
+def _without_rounding_to(value: Lazy, element: str) -> Lazy:
+    """`value` without its last rounding when it is stored as the type it rounds to: the
+    store rounds the same way, so rounding first would only cost time."""
+    node = value.node
+    if isinstance(node, Rounded) and node.dtype.name == element:
+        return Lazy(node.operand, value.shape, value.sizes, value.dtype)
+    return value
 
 
 def _divide(value: Lazy, divisor: Scalar) -> Lazy:

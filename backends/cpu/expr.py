@@ -6,7 +6,8 @@ tensors through affine index maps.  Code is emitted only where a loop nest is ne
 reduction, an output, a reshape that is not a view); that loop nest evaluates the whole
 DAG in one linalg.generic body.  So an elementwise group becomes one loop with every
 intermediate in registers, and a multi-use value costs no temporary buffer, whatever
-MLIR's own elementwise-fusion heuristics would do.
+MLIR's own elementwise-fusion heuristics would do.  An f16/bf16 op's result is a `Rounded`
+node over its f32 computation, so the DAG holds the values eager torch would.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flagtree.backends.cpu.mlir_text import is_narrow_float
 from flagtree.ir.types import ScalarType
 
 # A map from a value's iteration dims to a tensor's dims: entry k (an int) reads the tensor
@@ -78,6 +80,15 @@ class Apply(Node):
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class Rounded(Node):
+    """`operand`, computed in f32, rounded to the f16/bf16 `dtype` (and held in f32 again):
+    what eager torch stores for an op whose result has that type."""
+
+    operand: Node
+    dtype: ScalarType
+
+
 @dataclass(frozen=True, eq=False)
 class Lazy:
     """A tensor value not yet computed: `node` at every index of `shape`."""
@@ -101,6 +112,13 @@ def leaf(tensor: Tensor, dtype: ScalarType) -> Lazy:
     return Lazy(Leaf(tensor, identity(tensor.rank), dtype), tensor.shape, tensor.sizes, dtype)
 
 
+def rounded(value: Lazy) -> Lazy:
+    """`value` rounded to its type when that is a narrow float (computed wider), else itself."""
+    if not is_narrow_float(value.dtype):
+        return value
+    return Lazy(Rounded(value.node, value.dtype), value.shape, value.sizes, value.dtype)
+
+
 def reindex(value: Lazy, dims: Map, shape: tuple[int | None, ...], sizes: tuple[Size, ...]) -> Lazy:
     """`value` seen from a new iteration space of `shape`: its dim k is new dim `dims[k]`
     (None: the new space does not vary it, e.g. a broadcast).  Shared sub-DAGs stay shared."""
@@ -117,6 +135,8 @@ def reindex(value: Lazy, dims: Map, shape: tuple[int | None, ...], sizes: tuple[
             new = Index(None if node.dim is None else dims[node.dim])
         elif isinstance(node, Apply):
             new = Apply(node.name, tuple(visit(o) for o in node.operands), node.dtype, node.attrs)
+        elif isinstance(node, Rounded):
+            new = Rounded(visit(node.operand), node.dtype)
         else:
             new = node
         memo[id(node)] = new
@@ -139,6 +159,8 @@ def leaves(roots: list[Node]) -> list[Leaf]:
             found.setdefault((node.tensor.ssa, node.map), node)
         elif isinstance(node, Apply):
             stack.extend(reversed(node.operands))
+        elif isinstance(node, Rounded):
+            stack.append(node.operand)
     return list(found.values())
 
 

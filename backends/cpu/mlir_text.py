@@ -30,10 +30,15 @@ def storage_type(dtype: ScalarType) -> str:
 
 
 def compute_type(dtype: ScalarType) -> str:
-    """The MLIR type arithmetic on `dtype` runs in: f32 for f16/bf16 (x86 has no bf16 ALU ops,
-    and rounding once at the store is what eager torch's per-op f32 upcast does per op)."""
+    """The MLIR type arithmetic on `dtype` runs in: f32 for f16/bf16 (x86 has no bf16 ALU ops;
+    eager torch computes them in f32 too, and rounds each op's result to its type)."""
     storage = storage_type(dtype)
     return "f32" if storage in _NARROW_FLOATS else storage
+
+
+def is_narrow_float(dtype: ScalarType) -> bool:
+    """Whether `dtype` is computed in a wider type (f32) than it holds: f16, bf16."""
+    return dtype.name in _NARROW_FLOATS
 
 
 def tensor_type(shape: tuple[int | None, ...], element: str) -> str:

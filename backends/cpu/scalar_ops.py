@@ -1,6 +1,8 @@
 """FTIR elementwise ops on scalars → arith / math ops (the bodies of linalg.generic ops).
 
-Every value is in its compute type (see mlir_text.compute_type): f16/bf16 arrive as f32.
+Every value is in its compute type (see mlir_text.compute_type): f16/bf16 arrive as f32,
+and `lower` returns the op's f32 result unrounded (the emitter rounds it to the op's type,
+see `round_to`, where eager torch would).
 Semantics follow each op's eager-torch reference (flagtree/ir/ops/elementwise.py):
 NaN-propagating max/min, truncating integer division, Python-style remainder.
 """
@@ -11,7 +13,7 @@ import math
 from typing import Any
 
 from flagtree.backends.cpu import approx
-from flagtree.backends.cpu.mlir_text import FunctionWriter, UnsupportedError, compute_type
+from flagtree.backends.cpu.mlir_text import FunctionWriter, UnsupportedError, compute_type, is_narrow_float
 from flagtree.ir.types import ScalarType
 
 Operand = tuple[str, ScalarType]  # (SSA name in compute type, FTIR element type)
@@ -261,33 +263,54 @@ def narrow(w: FunctionWriter, x: str, element: str) -> str:
     """An f32 rounded to nearest-even f16/bf16, as torch rounds (NaN becomes 0x7FC0)."""
     if element != "bf16":
         return w.emit(f"arith.truncf {x} : f32 to {element}")
-    sixteen, one, half, nan = (w.constant(v, "i32") for v in (16, 1, 0x7FFF, 0x7FC0))
-    bits = w.emit(f"arith.bitcast {x} : f32 to i32")
-    odd = w.emit(f"arith.andi {w.emit(f'arith.shrui {bits}, {sixteen} : i32')}, {one} : i32")
-    bias = w.emit(f"arith.addi {odd}, {half} : i32")
-    rounded = w.emit(f"arith.shrui {w.emit(f'arith.addi {bits}, {bias} : i32')}, {sixteen} : i32")
+    sixteen, nan = w.constant(16, "i32"), w.constant(0x7FC0, "i32")
+    rounded = w.emit(f"arith.shrui {_bf16_rounding_sum(w, x)}, {sixteen} : i32")
     is_nan = w.emit(f"arith.cmpf uno, {x}, {x} : f32")
     result = w.emit(f"arith.select {is_nan}, {nan}, {rounded} : i32")
     return w.emit(f"arith.bitcast {w.emit(f'arith.trunci {result} : i32 to i16')} : i16 to bf16")
 
 
+def round_to(w: FunctionWriter, x: str, element: str) -> str:
+    """An f32 rounded to nearest-even f16/bf16 and held in f32 again: the value eager torch
+    stores for an op whose result has that type.  bf16 clears the low half of the biased
+    bits instead of a round trip through i16, which is shorter and keeps NaN as it is."""
+    if element != "bf16":
+        return widen(w, narrow(w, x, element), element)
+    low_half_cleared = w.constant(-0x10000, "i32")
+    high_half = w.emit(f"arith.andi {_bf16_rounding_sum(w, x)}, {low_half_cleared} : i32")
+    rounded = w.emit(f"arith.bitcast {high_half} : i32 to f32")
+    is_nan = w.emit(f"arith.cmpf uno, {x}, {x} : f32")
+    return w.emit(f"arith.select {is_nan}, {x}, {rounded} : f32")
+
+
+def _bf16_rounding_sum(w: FunctionWriter, x: str) -> str:
+    """The bits of f32 `x` plus the bias that rounds them to nearest-even at bit 16: their
+    high half is then x's bf16 (for every x but NaN, which the bias can carry into the sign)."""
+    sixteen, one, half = (w.constant(v, "i32") for v in (16, 1, 0x7FFF))
+    bits = w.emit(f"arith.bitcast {x} : f32 to i32")
+    odd = w.emit(f"arith.andi {w.emit(f'arith.shrui {bits}, {sixteen} : i32')}, {one} : i32")
+    bias = w.emit(f"arith.addi {odd}, {half} : i32")
+    return w.emit(f"arith.addi {bits}, {bias} : i32")
+
+
 def cast(w: FunctionWriter, x: str, source: ScalarType, target: ScalarType) -> str:
-    """Convert between compute types; a cast to f16/bf16 rounds to that type (then widens
-    back to the f32 it is computed in), so explicit casts round exactly as eager torch."""
+    """Convert between compute types; a cast to f16/bf16 rounds to that type (held in the
+    f32 it is computed in), so explicit casts round exactly as eager torch."""
     s, t = compute_type(source), compute_type(target)
     if target.name == "i1":
         return to_bool(w, x, source)
     if _is_float(source) and _is_float(target):
-        if target.name in ("f16", "bf16") and source != target:
+        if is_narrow_float(target) and source != target:
             single = x if s == "f32" else w.emit(f"arith.truncf {x} : {s} to f32")
-            return widen(w, narrow(w, single, target.name), target.name)
+            return round_to(w, single, target.name)
         if s == t:
             return x
         wider = _bitwidth(t) > _bitwidth(s)
         return w.emit(f"arith.{'extf' if wider else 'truncf'} {x} : {s} to {t}")
     if _is_float(target):
         op = "arith.uitofp" if s == "i1" else "arith.sitofp"
-        return w.emit(f"{op} {x} : {s} to {t}")
+        converted = w.emit(f"{op} {x} : {s} to {t}")
+        return round_to(w, converted, target.name) if is_narrow_float(target) else converted  # 257 → 256 in bf16
     if _is_float(source):
         return w.emit(f"arith.fptosi {x} : {s} to {t}")
     if s == t:
