@@ -1,7 +1,8 @@
-"""The `cpu` backend: fusion regions → MLIR (linalg on tensors) → LLVM → JIT-compiled kernels.
+"""The `cpu` backend: fusion regions and attention → MLIR → LLVM → JIT-compiled kernels.
 
-The executable is a launch plan (backends/lowering.py): each `ft.fusion` becomes one
-JIT-compiled kernel call, matmuls call torch's BLAS, every other op its eager reference.
+The executable is a launch plan (backends/lowering.py): each `ft.fusion` (linalg on tensors)
+and each `ft.attention` (a tiled online softmax, attention.py) becomes one JIT-compiled
+kernel call, matmuls call torch's BLAS, every other op its eager reference.
 Kernels are cached on disk as LLVM-dialect MLIR (the lowering pipeline's output), so a
 process that finds a kernel there skips FTIR → MLIR and the pipeline, and only runs
 LLVM's code generation.
@@ -55,7 +56,8 @@ class CpuBackend(Backend):
         return "fuse-elementwise"
 
     def compile(self, module: Module, capabilities: Capabilities) -> LaunchPlan:
-        return lower_function(module, self.name, {"ft.fusion": _FusionCompiler(capabilities)})
+        kernels = _KernelCompiler(capabilities)
+        return lower_function(module, self.name, {"ft.fusion": kernels, "ft.attention": kernels})
 
     def emit_forms(self) -> tuple[str, ...]:
         return ("mlir", "python")
@@ -81,8 +83,8 @@ def _torch_mlir_availability() -> Availability:
     return Availability(True)
 
 
-class _FusionCompiler:
-    """The launch-plan callback: each ft.fusion becomes a call of its compiled kernel."""
+class _KernelCompiler:
+    """The launch-plan callback: each ft.fusion or ft.attention becomes a call of its compiled kernel."""
 
     def __init__(self, capabilities: Capabilities):
         self.capabilities = capabilities
@@ -96,7 +98,7 @@ class _FusionCompiler:
         kernel = compiler.kernel_from_llvm(op, llvm_text)
         name = writer.bind(compiler.kernel_label(op), kernel)
         kernel.label = name
-        writer.note(f"{name}: ft.fusion at {format_location(op.location)}, kernel {path}")
+        writer.note(f"{name}: {op.name} at {format_location(op.location)}, kernel {path}")
         results = [writer.new_buffer() for _ in op.results]
         writer.line(f"{', '.join(results)}{',' if len(results) == 1 else ''} = {name}({', '.join(operands)})")
         return results

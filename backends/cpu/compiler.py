@@ -1,11 +1,12 @@
-"""Compile kernel units (an ft.fusion region, or a lone elementwise/reduction op) to CpuKernels,
-and print a module's kernels as one MLIR module (`--emit=mlir`)."""
+"""Compile kernel units (an ft.fusion region, an ft.attention op, or a lone elementwise/reduction
+op) to CpuKernels, and print a module's kernels as one MLIR module (`--emit=mlir`)."""
 
 from __future__ import annotations
 
 import threading
 
 from flagtree.backends.cpu import jit
+from flagtree.backends.cpu.attention import emit_attention, work_items
 from flagtree.backends.cpu.emitter import EmittedKernel, KernelUnit, emit_kernel, module_text
 from flagtree.backends.cpu.kernel import CpuKernel
 from flagtree.backends.cpu.mlir_text import UnsupportedError
@@ -14,6 +15,7 @@ from flagtree.ir.core import Module, Operation
 from flagtree.ir.printer import format_location
 
 KERNEL_SYMBOL = "kernel"  # every JIT module holds one kernel under this name, so equal kernels share text
+KERNEL_OPS = ("ft.fusion", "ft.attention")  # the top-level ops that become kernels
 
 _lowered: dict[str, str] = {}  # tensor-level MLIR text → LLVM-dialect text, this process
 _lowered_lock = threading.Lock()
@@ -35,9 +37,16 @@ def kernel_label(op: Operation) -> str:
 
 
 def tensor_level_mlir(op: Operation) -> str:
-    """The MLIR module (linalg on tensors) of the kernel that computes `op`."""
-    unit = kernel_unit(op)
-    return emit_kernel(unit, row_values(unit)).module()
+    """The MLIR module (linalg on tensors; scf and vector on memrefs for attention) of the
+    kernel that computes `op`."""
+    return _emitted(op, KERNEL_SYMBOL).module()
+
+
+def _emitted(op: Operation, name: str) -> EmittedKernel:
+    if op.name == "ft.attention":
+        return emit_attention(op, name)
+    unit = kernel_unit(op, name)
+    return emit_kernel(unit, row_values(unit))
 
 
 def llvm_level_mlir(mlir_text: str) -> str:
@@ -55,28 +64,30 @@ def kernel_from_llvm(op: Operation, llvm_text: str, label: str = "") -> CpuKerne
     """A callable kernel for `op` from its LLVM-dialect module (JIT-compiled once per text)."""
     engine = jit.engine_for(llvm_text, KERNEL_SYMBOL)
     unit = kernel_unit(op)
-    return CpuKernel(unit, jit.entry_point(engine, KERNEL_SYMBOL), engine, label or kernel_label(op), row_values(unit))
+    entry, label = jit.entry_point(engine, KERNEL_SYMBOL), label or kernel_label(op)
+    if op.name == "ft.attention":
+        return CpuKernel(unit, entry, engine, label, None, work_items(op))
+    return CpuKernel(unit, entry, engine, label, row_values(unit))
 
 
 def compile_op(op: Operation, label: str = "") -> CpuKernel:
-    """Compile the kernel computing `op` (an ft.fusion, or one elementwise/reduction op);
+    """Compile the kernel computing `op` (an ft.fusion, an ft.attention, or one elementwise/reduction op);
     raises UnsupportedError if the code generator cannot lower it."""
     return kernel_from_llvm(op, llvm_level_mlir(tensor_level_mlir(op)), label)
 
 
 def module_mlir(module: Module) -> str:
-    """Every ft.fusion of `module` as one MLIR module, a function per kernel named
-    `@<function>_<label>_<n>`; fusions the code generator cannot lower are listed in a
-    comment (they run op by op in eager torch)."""
+    """Every ft.fusion and ft.attention of `module` as one MLIR module, a function per kernel
+    named `@<function>_<label>_<n>`; ops the code generator cannot lower are listed in a
+    comment (they run in eager torch)."""
     kernels: list[EmittedKernel] = []
     notes: list[str] = []
     for func in module.functions:
-        fusions = [op for op in func.regions[0].block.ops if op.name == "ft.fusion"]
-        for index, op in enumerate(fusions):
+        kernel_ops = [op for op in func.regions[0].block.ops if op.name in KERNEL_OPS]
+        for index, op in enumerate(kernel_ops):
             name = f"{func.attributes['sym_name']}_{kernel_label(op)}_{index}"
-            unit = kernel_unit(op, name)
             try:
-                kernels.append(emit_kernel(unit, row_values(unit)))
+                kernels.append(_emitted(op, name))
             except UnsupportedError as e:
-                notes.append(f"// ft.fusion at {format_location(op.location)} runs in eager torch: {e}")
+                notes.append(f"// {op.name} at {format_location(op.location)} runs in eager torch: {e}")
     return "".join(n + "\n" for n in notes) + module_text(kernels)

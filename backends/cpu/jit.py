@@ -14,18 +14,18 @@ from typing import Any
 from flagtree.errors import FlagtreeError
 
 # Bufferize (writing results straight into the output memrefs), free temporaries, lower
-# linalg to loops, then everything to the LLVM dialect.  LLVM's -O3 (ExecutionEngine's
-# opt_level) does the rest: it inlines the approximation helpers, hoists invariants and
-# vectorises the inner loops for the host ISA.  No canonicalize before bufferization: it
+# linalg to loops, then everything (attention's vector ops too) to the LLVM dialect.
+# LLVM's -O3 (ExecutionEngine's opt_level) does the rest: it inlines the approximation
+# helpers, hoists invariants and vectorises the inner loops for the host ISA.  No canonicalize before bufferization: it
 # would fold the kernel's output copy loops into `memref.copy`s of strided views, which
 # lower to a call into MLIR's C runner library (not shipped with the wheel).
 LOWERING_PIPELINE = ",".join([
     "cse", "eliminate-empty-tensors", "one-shot-bufferize", "canonicalize",
     "buffer-deallocation-pipeline", "convert-bufferization-to-memref",
     "func.func(convert-linalg-to-loops)", "loop-invariant-code-motion", "convert-scf-to-cf",
-    "expand-strided-metadata", "lower-affine", "finalize-memref-to-llvm", "convert-math-to-llvm",
-    "convert-math-to-libm", "convert-arith-to-llvm", "convert-index-to-llvm", "convert-func-to-llvm",
-    "convert-cf-to-llvm", "convert-ub-to-llvm", "reconcile-unrealized-casts",
+    "expand-strided-metadata", "lower-affine", "convert-vector-to-llvm", "finalize-memref-to-llvm",
+    "convert-math-to-llvm", "convert-math-to-libm", "convert-arith-to-llvm", "convert-index-to-llvm",
+    "convert-func-to-llvm", "convert-cf-to-llvm", "convert-ub-to-llvm", "reconcile-unrealized-casts",
 ])
 LLVM_OPT_LEVEL = 3
 

@@ -16,7 +16,7 @@ import itertools
 import math
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -42,18 +42,22 @@ class CpuKernel:
     `launch(args, outputs)` writes into caller-allocated contiguous outputs instead.  Calls
     from several threads may run at once (each thread packs arguments in its own buffer)."""
 
-    def __init__(self, unit: KernelUnit, entry: Any, engine: Any, label: str, rows: frozenset[int] | None):
+    def __init__(self, unit: KernelUnit, entry: Any, engine: Any, label: str, rows: frozenset[int] | None,
+                 work_items: WorkItems | None = None):
         """rows: the unit's row values when the kernel was generated in row blocks
-        (emitter.emit_kernel); it then takes the row range to compute after the outputs."""
+        (emitter.emit_kernel); it then takes the row range to compute after the outputs.
+        work_items: for a kernel split into independent items of its own (attention: one per
+        head and block of queries), their count for a call; it takes the item range instead."""
         self.unit = unit
         self.label = label  # names the kernel in errors and launch plans
         self._entry = entry
         self._engine = engine  # owns the machine code `entry` points into
         self._rows = rows
+        self._work_items = work_items or (_leading_rows if rows else None)
         self._arg_types = [a.type for a in unit.args]
         self._result_types: list[TensorType] = [r.type for r in unit.results]
         self._result_dtypes = [t.dtype.torch_dtype for t in self._result_types]
-        row_range = [ScalarType("i64")] * 2 if rows else []
+        row_range = [ScalarType("i64")] * 2 if self._work_items else []
         self._layout = _ArgumentLayout([*self._arg_types, *self._result_types, *row_range])
         self._launches: dict[tuple, _Launch] = {}
 
@@ -100,13 +104,13 @@ class CpuKernel:
         return launch
 
     def _row_ranges(self, args: Sequence[Any], shapes: list[tuple[int, ...]]) -> list[tuple[int, int]] | None:
-        """The row range of each core's call (row-block kernels), or None (a plain kernel)."""
-        if not self._rows:
+        """The row (or work item) range of each core's call, or None (a plain kernel)."""
+        if self._work_items is None:
             return None
-        rows = shapes[0][0]
+        items = self._work_items(args, shapes)
         work = sum(a.numel() for a in args if isinstance(a, torch.Tensor)) + sum(math.prod(s) for s in shapes)
-        parts = max(min(rows, host_cpu().cores), 1) if work >= PARALLEL_MIN_ELEMENTS else 1
-        bounds = [rows * i // parts for i in range(parts + 1)]
+        parts = max(min(items, host_cpu().cores), 1) if work >= PARALLEL_MIN_ELEMENTS else 1
+        bounds = [items * i // parts for i in range(parts + 1)]
         return list(itertools.pairwise(bounds))
 
     # ------------------------------------------------------------------ arguments
@@ -155,6 +159,15 @@ class CpuKernel:
                 raise KernelCallError(f"kernel {self.label}: a value of type {value.type} has "
                                       f"{env[id(value)].shape[0]} rows where the outputs have {rows}; the kernel "
                                       "computes row blocks and needs one row count")
+
+
+# The number of independent work items of a call, from its arguments and output shapes.
+WorkItems = Callable[[Sequence[Any], list[tuple[int, ...]]], int]
+
+
+def _leading_rows(args: Sequence[Any], shapes: list[tuple[int, ...]]) -> int:
+    """A row-block kernel's items: the rows of its outputs."""
+    return shapes[0][0]
 
 
 @dataclass(frozen=True)
@@ -237,7 +250,23 @@ def _meta_run(op: Operation, operands: list[Any]) -> list[Any]:
     results = list(out) if isinstance(out, tuple) else [out]
     if has_trait(op, ELEMENTWISE) or op.name == "ft.broadcast_to":
         _check_no_dynamic_broadcast(op.operands, operands, results[0])
+    if op.name in _EXACT_SHAPE_OPS:
+        _check_exact_shapes(op, operands)
     return results
+
+
+# Ops whose kernels read operands at indices taken from other operands' sizes (attention reads
+# k and v at q's batch and at query head // group), so the call's shapes must satisfy the op's
+# type rule exactly; the eager reference alone would accept some (it broadcasts batch dims).
+_EXACT_SHAPE_OPS = frozenset({"ft.attention"})
+
+
+def _check_exact_shapes(op: Operation, operands: list[Any]) -> None:
+    """The op's type inference on the operands' run-time shapes, which must succeed."""
+    concrete = [Value(TensorType(tuple(x.shape), v.type.dtype)) for v, x in zip(op.operands, operands)]
+    problem = lookup(op.name).infer(Operation(op.name, concrete, [], op.attributes))
+    if isinstance(problem, str):
+        raise ValueError(problem)
 
 
 def _check_no_dynamic_broadcast(values: list[Value], operands: list[Any], result: Any) -> None:
