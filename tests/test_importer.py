@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch._dynamo.backends.common import aot_autograd
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from examples.zoo import ZOO
@@ -103,6 +103,8 @@ def import_function(fn, *args: torch.Tensor) -> ImportedGraph:
 _DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
 _BINARY = [torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.eq, torch.lt, torch.ge,
            torch.remainder, torch.logical_and]
+_DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
 def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -114,19 +116,24 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tens
     return torch.randint(1, 9, shape, generator=generator, dtype=dtype)
 
 
+@pytest.mark.parametrize("device", _DEVICES)
 @given(
     op=st.sampled_from(_BINARY),
     lhs_dtype=st.sampled_from(_DTYPES),
-    rhs=st.one_of(st.sampled_from(_DTYPES), st.sampled_from([2, -3, 0.5, True])),
+    rhs=st.one_of(st.sampled_from(_DTYPES), st.sampled_from([2, -3, 0.5, True, 0.1, 257])),
     rhs_shape=st.sampled_from([(3,), (2, 3), ()]),
     seed=st.integers(0, 2**16),
 )
-def test_binary_ops_with_type_promotion_match_eager(op, lhs_dtype, rhs, rhs_shape, seed):
+# bf16 tensor times/over a 0-d f32 tensor: eager's CPU kernel reads the scalar in f32 and rounds the
+# product once; casting it to bf16 first was 1 bf16 ulp off (issue 3).
+@example(op=torch.mul, lhs_dtype=torch.bfloat16, rhs=torch.float32, rhs_shape=(), seed=0)
+@example(op=torch.div, lhs_dtype=torch.bfloat16, rhs=torch.float32, rhs_shape=(), seed=0)
+def test_binary_ops_with_type_promotion_match_eager(device, op, lhs_dtype, rhs, rhs_shape, seed):
     """Mixed dtypes and Python scalars: the explicit casts and 0-d constants the importer
-    inserts give exactly eager's dtype and values."""
-    x = _tensor(lhs_dtype, (2, 3), seed)
+    inserts give exactly eager's dtype and values, on the device's eager kernels."""
+    x = _tensor(lhs_dtype, (2, 3), seed).to(device)
     if isinstance(rhs, torch.dtype):
-        y = _tensor(rhs, rhs_shape, seed + 1)
+        y = _tensor(rhs, rhs_shape, seed + 1).to(device)
         fn, args = (lambda a, b: op(a, b)), (x, y)
     else:
         fn, args = (lambda a: op(a, rhs)), (x,)
@@ -141,6 +148,33 @@ def test_binary_ops_with_type_promotion_match_eager(op, lhs_dtype, rhs, rhs_shap
         torch.testing.assert_close(actual, expected, equal_nan=True, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(actual, expected)
+
+
+def test_the_regression_example_differs_from_rounding_the_scalar_first():
+    """The @example above fails the old import: eager's bf16 × 0-d f32 product is not the product
+    with the scalar rounded to bf16."""
+    x, y = _tensor(torch.bfloat16, (2, 3), 0), _tensor(torch.float32, (), 1)
+    assert not torch.equal(x * y, x * y.to(torch.bfloat16))
+    assert torch.equal(x * y, (x.float() * y).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("device,op,in_opmath", [
+    ("cpu", torch.mul, True), ("cpu", torch.div, True), ("cpu", torch.add, False), ("cpu", torch.remainder, False),
+    ("cuda", torch.add, True), ("cuda", torch.mul, True), ("cuda", torch.remainder, False),
+])
+def test_a_scalar_enters_a_bf16_op_in_f32_where_the_devices_eager_kernel_reads_it_so(device, op, in_opmath):
+    """x_bf16 op 0.1 computes in f32 and rounds once where eager's kernel on that device reads
+    the scalar in f32 (flagtree.frontend.aten_mapping._SCALAR_IN_OPMATH), else in bf16 with the
+    scalar rounded first. CUDA is traced with fake tensors: the structure, not the values."""
+    with FakeTensorMode():
+        x = torch.empty(2, 3, dtype=torch.bfloat16, device=device)
+    imported = import_function(lambda a: op(a, 0.1), x)
+    (arithmetic,) = [o for o in imported.module.walk() if o.name in ("ft.mul", "ft.div", "ft.add", "ft.remainder")]
+    constant = next(o for o in imported.module.walk() if o.name == "ft.constant")
+    expected = "f32" if in_opmath else "bf16"
+    assert str(arithmetic.result.type.dtype) == str(constant.result.type.dtype) == expected
+    (result,) = imported.module.function().regions[0].block.ops[-1].operands
+    assert str(result.type) == "tensor<2x3xbf16>"
 
 
 def test_python_scalars_become_0d_constants_and_promotion_is_explicit():

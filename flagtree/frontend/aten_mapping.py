@@ -8,6 +8,7 @@ docs/importer.md is generated from this table (`python -m flagtree.frontend.impo
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import sympy
 import torch
 import torch.fx as fx
+from torch._prims_common import get_computation_dtype
 
 from flagtree.ir.core import Value
 from flagtree.ir.types import ScalarType, TensorType, from_torch_dtype
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 I64 = ScalarType("i64")
 I1 = ScalarType("i1")
+F64 = ScalarType("f64")
 # `end` of a slice that runs to the end of its dim (Python slice semantics clamp it).
 SLICE_END = 2**63 - 1
 
@@ -59,6 +62,12 @@ EXTRA_DECOMPOSITIONS: dict[str, str] = {
     "aten.upsample_nearest2d.vec": "FTIR has no resize op; the decomposition is iota + index",
 }
 
+# Ops torch's core ATen decompositions would rewrite, kept whole because a lowering maps them.
+KEPT_FROM_DECOMPOSITION: dict[str, str] = {
+    "aten._scaled_dot_product_flash_attention_for_cpu.default": "F.scaled_dot_product_attention on CPU tensors; "
+    "imported as `ft.attention` instead of its math form",
+}
+
 # Ops that stay ft.torch_call on purpose, and why.
 DOCUMENTED_FALLBACKS: dict[str, str] = {
     "aten.convolution_backward.default": "torch has no decomposition for it and FTIR's ft.conv is forward-only; "
@@ -69,6 +78,11 @@ DOCUMENTED_FALLBACKS: dict[str, str] = {
     "aten.randn.default": "random numbers come from torch's generator so results match eager",
     "aten.nonzero.default": "its result size depends on the data",
     "aten.as_strided.default": "FTIR values have no strides to reinterpret",
+    **{f"aten.{name}_backward.default": "FTIR has no attention backward op; torch's fused kernel computes the "
+       "gradients from the forward's saved logsumexp" for name in (
+           "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+           "_scaled_dot_product_fused_attention_overrideable", "_efficient_attention")},
 }
 
 
@@ -136,6 +150,46 @@ def _positional(args: dict[str, Any], count: int) -> list[Any]:
     return list(args.values())[:count]
 
 
+# The eager kernels that read a scalar operand (a Python number, or a 0-d CPU tensor: TensorIterator's
+# "cpu scalar") of a reduced-precision float op in the op-math type instead of rounding it to the op's
+# dtype first: device type → aten op → the operand positions they do it for. CPU: mul and the div kernels
+# take `iter.original_scalar_value<opmath_t>(2)`; CUDA: add, sub and mul run
+# opmath_symmetric_gpu_kernel_with_scalars, the div kernels take a scalar divisor in op-math. Every other
+# kernel (add on CPU, remainder, pow, a 0-d tensor on the GPU, ...) rounds the scalar to the op's dtype, as
+# the importer's casts do. Measured bit for bit against eager on torch 2.13 (CPU) and 2.11 (H200).
+_SCALAR_IN_OPMATH: dict[str, dict[str, frozenset[int]]] = {
+    "cpu": {"mul": frozenset({1}), "div": frozenset({1}), "floor_divide": frozenset({1})},
+    "cuda": {"add": frozenset({0, 1}), "sub": frozenset({0, 1}), "mul": frozenset({0, 1}), "div": frozenset({1}),
+             "floor_divide": frozenset({1})},
+}
+
+
+def _rounds_cpu_scalar(arg: Any, dtype: ScalarType) -> bool:
+    """`arg` is a CPU scalar that converting to `dtype` may round: a Python or symbolic number
+    `dtype` does not hold exactly, or a 0-d CPU tensor of another dtype."""
+    val = arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+    if isinstance(val, torch.Tensor):
+        return val.dim() == 0 and val.device.type == "cpu" and val.dtype != dtype.torch_dtype
+    if isinstance(val, (torch.SymInt, torch.SymFloat)):
+        return True
+    if isinstance(val, (int, float)) and not isinstance(val, bool):
+        return torch.tensor(val, dtype=dtype.torch_dtype).item() != val
+    return False
+
+
+def _computation_dtype(node: fx.Node, operands: list[Any], result: ScalarType) -> ScalarType:
+    """The dtype eager computes the arithmetic `node` in before rounding to `result`: the op-math
+    type of a reduced-precision float (torch._prims_common's computation dtype, f32) when its kernel
+    reads a scalar operand that way (_SCALAR_IN_OPMATH) and the operand would lose digits in
+    `result`; else `result` itself."""
+    opmath = from_torch_dtype(get_computation_dtype(result.torch_dtype))
+    if opmath == result:
+        return result
+    op = node.target._schema.name.split("::")[1]
+    positions = _SCALAR_IN_OPMATH.get(node.meta["val"].device.type, {}).get(op, frozenset())
+    return opmath if any(_rounds_cpu_scalar(operands[i], result) for i in positions) else result
+
+
 # --------------------------------------------------------------------------- elementwise
 
 _UNARY_SAME = ("exp", "exp2", "log", "log2", "log1p", "expm1", "sqrt", "rsqrt", "sin", "cos", "tan", "tanh", "atan",
@@ -159,15 +213,17 @@ for _name in _UNARY_PREDICATE:
 
 
 def _binary(ft_name: str) -> Lower:
-    """Arithmetic in the result dtype: operands are cast to it (aten's type promotion)."""
+    """Arithmetic in eager's computation dtype: operands are cast to it (aten's type promotion),
+    the result to the result dtype."""
 
     def lower(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> Value:
-        dtype = ctx.dtype_of(node)
-        lhs, rhs = (ctx.operand(a, dtype) for a in _positional(args, 2))
+        operands = _positional(args, 2)
+        dtype = _computation_dtype(node, operands, ctx.dtype_of(node))
+        lhs, rhs = (ctx.operand(a, dtype) for a in operands)
         alpha = args.get("alpha", 1)
         if alpha is not None and alpha != 1:
             rhs = ctx.emit("ft.mul", [rhs, ctx.operand(alpha, dtype)])
-        return ctx.emit(ft_name, [lhs, rhs])
+        return ctx.cast(ctx.emit(ft_name, [lhs, rhs]), ctx.dtype_of(node))
 
     return lower
 
@@ -190,14 +246,17 @@ for _name in ("maximum", "minimum", "atan2"):
 @lowering("aten.div.Tensor_mode", "aten.div.Scalar_mode",
           ftir="`ft.div`; floor: `ft.floordiv`; trunc: `ft.div` + `ft.trunc` (floats)")
 def _div_mode(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> Value:
-    dtype = ctx.dtype_of(node)
-    lhs, rhs = (ctx.operand(a, dtype) for a in _positional(args, 2))
+    operands = _positional(args, 2)
+    dtype = _computation_dtype(node, operands, ctx.dtype_of(node))
+    lhs, rhs = (ctx.operand(a, dtype) for a in operands)
     mode = args["rounding_mode"]
     if mode == "floor":
-        return ctx.emit("ft.floordiv", [lhs, rhs])
-    quotient = ctx.emit("ft.div", [lhs, rhs])
-    # ft.div truncates on integers already.
-    return ctx.emit("ft.trunc", [quotient]) if mode == "trunc" and dtype.is_float else quotient
+        quotient = ctx.emit("ft.floordiv", [lhs, rhs])
+    else:
+        quotient = ctx.emit("ft.div", [lhs, rhs])
+        # ft.div truncates on integers already.
+        quotient = ctx.emit("ft.trunc", [quotient]) if mode == "trunc" and dtype.is_float else quotient
+    return ctx.cast(quotient, ctx.dtype_of(node))
 
 
 def _compare(ft_name: str) -> Lower:
@@ -455,6 +514,122 @@ def _convolution(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> Value:
     attrs = {k: tuple(args[k]) for k in ("stride", "padding", "dilation", "output_padding")}
     attrs |= {"transposed": bool(args["transposed"]), "groups": int(args["groups"])}
     return ctx.emit("ft.conv", operands, attrs, ctx.result_type(node))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@dataclass(frozen=True)
+class _FusedAttention:
+    """How one fused-kernel aten op behind F.scaled_dot_product_attention spells ft.attention."""
+
+    mask: str | None  # the schema name of its mask argument (None: it takes no mask)
+    # ft.attention's `causal` when is_causal is set (the diagonal the kernel aligns to), or
+    # "custom_mask_type" where that argument says it.
+    causal: str
+    heads_first: bool = True  # q, k, v are [B, H, S, D]; else [B, S, H, D]
+
+    def causal_kind(self, args: dict[str, Any]) -> str:
+        """ft.attention's `causal` for this call."""
+        if self.causal != "custom_mask_type":
+            return self.causal if args["is_causal"] else "none"
+        if args["custom_mask_type"] not in range(len(_CUSTOM_MASK_TYPES)):
+            raise Unmapped(f"custom_mask_type {args['custom_mask_type']}")
+        return _CUSTOM_MASK_TYPES[args["custom_mask_type"]]
+
+    def doc(self) -> str:
+        """Its row in docs/importer.md."""
+        causal = ("custom_mask_type 0/1/2 → causal none/upper_left/lower_right" if self.causal == "custom_mask_type"
+                  else f"is_causal → causal = {self.causal}")
+        layout = "" if self.heads_first else "; [B, S, H, D] operands and result transposed"
+        mask = f"; `{self.mask}` of rank < 4 reshaped to rank 4" if self.mask else ""
+        return f"`ft.attention`; {causal}{layout}{mask}; dropout, or a read logsumexp (training), falls back"
+
+
+# xformers' NoCustomMask, CausalFromTopLeft, CausalFromBottomRight.
+_CUSTOM_MASK_TYPES = ("none", "upper_left", "lower_right")
+# SDPA picks one of these kernels while aot_autograd traces it (CPU: flash_attention_for_cpu; CUDA: flash,
+# efficient or cuDNN; other devices: the overrideable op). CausalBias(lower_right) on CUDA calls flash directly
+# with is_causal=True, which the flash kernel aligns to the bottom right (SDPA itself sends flash is_causal only
+# when Sq == Skv, where both alignments agree), or _efficient_attention_forward with custom_mask_type 2.
+_FUSED_ATTENTION = {
+    "aten._scaled_dot_product_flash_attention_for_cpu.default": _FusedAttention("attn_mask", "upper_left"),
+    "aten._scaled_dot_product_flash_attention.default": _FusedAttention(None, "lower_right"),
+    "aten._scaled_dot_product_efficient_attention.default": _FusedAttention("attn_bias", "upper_left"),
+    "aten._scaled_dot_product_cudnn_attention.default": _FusedAttention("attn_bias", "upper_left"),
+    "aten._scaled_dot_product_fused_attention_overrideable.default": _FusedAttention("attn_bias", "upper_left"),
+    "aten._efficient_attention_forward.default": _FusedAttention("bias", "custom_mask_type", heads_first=False),
+}
+# _efficient_attention_forward's arguments ft.attention has no counterpart for (packed variable-length
+# batches, a sliding window of its own convention).
+_UNMAPPED_ATTENTION_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "seqlen_k", "window_size")
+
+
+def _used_extra_results(node: fx.Node) -> list[str]:
+    """The schema names of the results past the output (logsumexp, RNG state, ...) the graph reads."""
+    returns = node.target._schema.returns
+    used: set[int] = set()
+    for user in node.users:
+        if user.target is not operator.getitem:
+            used |= set(range(len(returns)))
+        elif user.users:
+            used.add(user.args[1])
+    return [returns[i].name for i in sorted(used) if i > 0]
+
+
+def _mask_rank4(ctx: FXImporter, mask: Value) -> Value:
+    """The mask with leading 1s up to rank 4 (SDPA broadcasts it against [B, H, Sq, Skv] from the right)."""
+    if mask.type.rank == 4:
+        return mask
+    shape = (1,) * (4 - mask.type.rank) + mask.type.shape
+    return ctx.emit("ft.reshape", [mask, *ctx.dims_of(mask)], {}, TensorType(shape, mask.type.dtype))
+
+
+def _check_attention_mappable(node: fx.Node, args: dict[str, Any]) -> None:
+    """Raise Unmapped where ft.attention cannot stand for the call."""
+    if args["dropout_p"]:
+        raise Unmapped(f"dropout (p={args['dropout_p']}) draws from torch's generator")
+    if any(args.get(name) is not None for name in _UNMAPPED_ATTENTION_ARGS):
+        raise Unmapped(f"one of {', '.join(_UNMAPPED_ATTENTION_ARGS)} is set")
+    extra = _used_extra_results(node)
+    if extra:
+        raise Unmapped(f"its {', '.join(extra)} {'feeds' if len(extra) == 1 else 'feed'} the backward pass")
+
+
+def _scaled_query(ctx: FXImporter, q: Value, query: fx.Node, scale: Any) -> tuple[Value, float]:
+    """q and ft.attention's scale attribute. A scale only run time knows (a SymFloat argument, or
+    the default 1/sqrt(Dqk) of a symbolic head dim) multiplies q instead, and the attribute is 1."""
+    if isinstance(scale, fx.Node):
+        run_time = ctx.scalar_value(scale, F64)
+    elif scale is None and q.type.shape[3] is None:
+        (head_dim,) = ctx.sizes_of(query.meta["val"].shape[-1:])
+        run_time = ctx.emit("ft.pow", [ctx.cast(head_dim, F64), ctx.scalar_value(-0.5, F64)])
+    else:
+        return q, float(1 / math.sqrt(q.type.shape[3]) if scale is None else scale)
+    return ctx.emit("ft.mul", [q, ctx.cast(run_time, q.type.dtype)]), 1.0
+
+
+def _fused_attention(form: _FusedAttention) -> Lower:
+    def lower(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> list[Value | None]:
+        _check_attention_mappable(node, args)
+        causal = form.causal_kind(args)
+        q, k, v = (ctx.value(args[name]) for name in ("query", "key", "value"))
+        if not form.heads_first:
+            q, k, v = (_transpose_to(ctx, x, [0, 2, 1, 3]) for x in (q, k, v))
+        q, scale = _scaled_query(ctx, q, args["query"], args["scale"])
+        mask = args[form.mask] if form.mask else None
+        masks = [] if mask is None else [_mask_rank4(ctx, ctx.value(mask))]
+        attrs = {"scale": scale, "causal": causal, "window": 0, "has_mask": bool(masks), "has_sinks": False}
+        out = ctx.emit("ft.attention", [q, k, v, *masks], attrs)
+        if not form.heads_first:
+            out = _transpose_to(ctx, out, [0, 2, 1, 3])
+        return [out] + [None] * (len(node.target._schema.returns) - 1)
+
+    return lower
+
+
+for _name, _form in _FUSED_ATTENTION.items():
+    lowering(_name, ftir=_form.doc())(_fused_attention(_form))
 
 
 # --------------------------------------------------------------------------- shapes

@@ -1,10 +1,10 @@
 """The torch.compile backend: `torch.compile(model, backend="flagtree", options={...})`.
 
 Registered through the `torch_dynamo_backends` entry point (setup.py), so it works without
-importing flagtree first. Dynamo hands over a torch-level FX graph; aot_autograd
-functionalizes it and decomposes it with torch's own tables into aten graphs (one for
-inference, or a forward and a backward when training), and each aten graph is compiled by
-`graph_compiler.compile_aten_graph`.
+importing flagtree first. Dynamo hands over a torch-level FX graph (the rank-3 tensors of its
+SDPA calls are lifted to rank 4 first: attention_rank.py); aot_autograd functionalizes it and
+decomposes it with torch's own tables into aten graphs (one for inference, or a forward and a
+backward when training), and each aten graph is compiled by `graph_compiler.compile_aten_graph`.
 
 Dynamic shapes: with `dynamic=True` the graphs carry symbolic sizes, which FTIR keeps as
 `?` dims; flagtree adds no guards of its own, so Dynamo's guards alone decide recompiles.
@@ -23,7 +23,8 @@ from torch._decomp import core_aten_decompositions, get_decompositions
 from torch._dynamo.backends.common import aot_autograd
 
 from flagtree.errors import OptionsError
-from flagtree.frontend.aten_mapping import EXTRA_DECOMPOSITIONS
+from flagtree.frontend.aten_mapping import EXTRA_DECOMPOSITIONS, KEPT_FROM_DECOMPOSITION
+from flagtree.frontend.attention_rank import lift_attention_to_rank4
 from flagtree.frontend.freezing import FrozenParameters, freeze_parameters
 from flagtree.frontend.graph_compiler import compile_aten_graph
 from flagtree.frontend.options import CompileOptions, check_mode
@@ -49,6 +50,7 @@ def flagtree_backend(
                 "torch.inference_mode(), or drop freeze=True to train"
             )
         gm, example_inputs, frozen = freeze_parameters(gm, example_inputs)
+    lift_attention_to_rank4(gm)
 
     def compiler(kind: str) -> Callable[[fx.GraphModule, Sequence[Any]], Any]:
         def compile_graph(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Any:
@@ -69,9 +71,12 @@ def flagtree_backend(
 @functools.cache
 def decomposition_table() -> dict[Any, Callable[..., Any]]:
     """torch's core ATen decompositions, plus torch's own decompositions of the core ops
-    FTIR has no op for (EXTRA_DECOMPOSITIONS says why for each)."""
+    FTIR has no op for (EXTRA_DECOMPOSITIONS says why for each), less the ops the importer
+    maps whole (KEPT_FROM_DECOMPOSITION)."""
     table = dict(core_aten_decompositions())
     table.update(get_decompositions([_overload(name) for name in EXTRA_DECOMPOSITIONS]))
+    for name in KEPT_FROM_DECOMPOSITION:
+        del table[_overload(name)]
     return table
 
 

@@ -395,6 +395,12 @@ def mapping_markdown() -> str:
         "An aten op with no row below becomes `ft.torch_call {target = \"aten::name.overload\"}`:",
         "it runs through eager torch, and reports count it (`flagtree.reports()`).",
         "",
+        "Type promotion is explicit: operands are cast to the dtype eager computes in. That is the",
+        "result dtype, except where eager's kernel reads a scalar operand (a Python number or a 0-d",
+        "CPU tensor) of a bf16/f16 op in f32 (on CPU: mul, div, floor_divide by a scalar; on CUDA",
+        "also add and sub): then the op computes in f32 and its result is cast back, rounding once",
+        "as eager does.",
+        "",
         "## Mapped ops",
         "",
         "| aten / Python op | FTIR |",
@@ -413,6 +419,18 @@ def mapping_markdown() -> str:
         "|---|---|",
     ]
     for name, reason in sorted(aten_mapping.EXTRA_DECOMPOSITIONS.items()):
+        lines.append(f"| `{name}` | {reason} |")
+    lines += [
+        "",
+        "## Kept whole",
+        "",
+        "Ops torch's core ATen decompositions would rewrite, left out of the table because a",
+        "row above maps them to a fused FTIR op.",
+        "",
+        "| aten op | why |",
+        "|---|---|",
+    ]
+    for name, reason in sorted(aten_mapping.KEPT_FROM_DECOMPOSITION.items()):
         lines.append(f"| `{name}` | {reason} |")
     lines += [
         "",
