@@ -30,6 +30,7 @@ from flagtree.ir import Block, Builder, DenseAttr, Module, Region, ScalarType, T
 from flagtree.ir.builder import infer_result_types
 from flagtree.ir.docs import ops_markdown
 from flagtree.ir.opdef import all_ops, lookup
+from flagtree.ir.parser import parse_module
 from flagtree.ir.types import Type, broadcast_shapes, types_compatible
 from tests.strategies import seeds
 
@@ -1082,3 +1083,21 @@ def test_docs_list_every_op_once():
     text = ops_markdown()
     for opdef in all_ops():
         assert text.count(f"| `{opdef.name}` |") == 1, opdef.name
+
+
+def test_generated_tensors_follow_the_arguments_device():
+    """ft.iota and constants build on the CPU; a graph on another device (meta here, cuda on a
+    GPU) still runs, because the executor moves them to the arguments' device."""
+    module = parse_module('''
+"builtin.module"() ({
+  "func.func"() <{function_type = (tensor<4xf32>) -> tensor<4xf32>, sym_name = "main"}> ({
+  ^bb0(%x: tensor<4xf32>):
+    %i = "ft.iota"() {start = 0 : i64, step = 1 : i64} : () -> tensor<4xf32>
+    %c = "ft.constant"() {value = dense<[1.0, 2.0, 3.0, 4.0]> : tensor<4xf32>} : () -> tensor<4xf32>
+    %s = "ft.add"(%x, %i) : (tensor<4xf32>, tensor<4xf32>) -> tensor<4xf32>
+    %r = "ft.mul"(%s, %c) : (tensor<4xf32>, tensor<4xf32>) -> tensor<4xf32>
+    "func.return"(%r) : (tensor<4xf32>) -> ()
+  }) : () -> ()
+}) : () -> ()''', "device.ftir")
+    (result,) = run_module(module, [torch.zeros(4, device="meta")])
+    assert result.device.type == "meta" and result.shape == (4,)

@@ -34,8 +34,13 @@ def _run_op(op: Operation, values: list[Any], resources: dict[str, torch.Tensor]
 
 
 def run_block(block: Block, args: Sequence[Any], resources: dict[str, torch.Tensor]) -> list[Any]:
-    """Run a block on `args`; returns the operands of its terminator."""
+    """Run a block on `args`; returns the operands of its terminator.
+
+    Ops that read no tensor (constants, ft.iota, ft.full) build on the CPU; their results move
+    to the device of the block's first tensor argument, so they combine with the graph's tensors.
+    """
     env: dict[int, Any] = {id(a): v for a, v in zip(block.args, args)}
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     for op in block.ops:
         operands = [env[id(v)] for v in op.operands]
         if op.name in ("func.return", "ft.yield"):
@@ -46,6 +51,8 @@ def run_block(block: Block, args: Sequence[Any], resources: dict[str, torch.Tens
             raise
         except Exception as e:
             raise ExecutionError(f"{op.location}: '{op.name}' op failed: {type(e).__name__}: {e}") from e
+        if device is not None and not any(isinstance(v, torch.Tensor) for v in operands):
+            outputs = [v.to(device) if isinstance(v, torch.Tensor) else v for v in outputs]
         for result, value in zip(op.results, outputs):
             env[id(result)] = value
     raise ExecutionError("block has no terminator")
