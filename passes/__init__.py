@@ -8,6 +8,7 @@ from flagtree.passes import (  # noqa: F401  (they register themselves)
     cse,
     dce,
     fold,
+    fuse_attention,
     fuse_elementwise,
     legalize_dtypes,
 )

@@ -31,7 +31,11 @@ Shapes
  13. `reshape(x)` to x's type → x (at most one dynamic dim: the element count fixes it).
  14. `reshape(reshape(x))` → `reshape(x)`.
  15. `transpose(x)` with the identity permutation → x;
-     `transpose(transpose(x, p), q)` → `transpose(x, [p[q[i]] for i])`.
+     `transpose(transpose(x, p), q)` → `transpose(x, [p[q[i]] for i])`;
+     a transpose that only moves dims of size 1 → `reshape(x)` (same element order);
+     `transpose(broadcast_to(x))` → `broadcast_to(transpose(x))` when x has the result's
+     rank and no other use (the transpose moves the smaller tensor, and meets x's own
+     transposes, which then cancel).
  16. `broadcast_to(x)` to x's own static type → x.
  17. `slice(x)` selecting the whole dim (step 1) → x.
  18. `concat(x)` of one operand → x.
@@ -343,6 +347,30 @@ def transpose_of_transpose(op: Operation) -> bool:
         return False
     first, second = inner.attributes["perm"], op.attributes["perm"]
     return _replace_with_new(op, "ft.transpose", inner.operands[0], perm=tuple(first[p] for p in second))
+
+
+@PATTERNS.pattern("ft.transpose")
+def transpose_of_unit_dims(op: Operation) -> bool:
+    x = op.operands[0]
+    perm = op.attributes["perm"]
+    moved = [p for p in perm if x.type.shape[p] != 1]
+    if moved != sorted(moved) or list(perm) == sorted(perm):
+        return False
+    builder = Builder.before_op(op)
+    sizes = [builder.value("ft.dim", x, dim=p) for p in perm if x.type.shape[p] is None]
+    return _replace_with_new(op, "ft.reshape", x, *sizes)
+
+
+@PATTERNS.pattern("ft.transpose")
+def transpose_of_broadcast(op: Operation) -> bool:
+    broadcast = _producer(op.operands[0], "ft.broadcast_to")
+    if broadcast is None or len(broadcast.result.uses) != 1 or broadcast.operands[0].type.rank != op.result.type.rank:
+        return False
+    perm = op.attributes["perm"]
+    sizes = dict(zip([d for d, size in enumerate(broadcast.result.type.shape) if size is None], broadcast.operands[1:]))
+    builder = Builder.before_op(op)
+    moved = builder.value("ft.transpose", broadcast.operands[0], perm=perm)
+    return _replace_with_new(op, "ft.broadcast_to", moved, *(sizes[p] for p in perm if p in sizes))
 
 
 @PATTERNS.pattern("ft.broadcast_to")

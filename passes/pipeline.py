@@ -25,14 +25,16 @@ from flagtree.errors import OptionsError
 from flagtree.passes.base import Pass, get_pass
 
 _CLEANUP = ("canonicalize", "fold", "cse", "dce")
-# Fusion passes join O3 here, between the cleanup that puts the graph in canonical form and
-# the final canonicalize (fuse-attention, fuse-moe, fuse-norm, ... as they land).
-_O3_FUSION_PASSES: tuple[str, ...] = ()
+# Fusion passes run at O2 (the default level: users expect attention fused by default) and
+# O3, between the cleanup that puts the graph in canonical form and the final canonicalize,
+# which folds the reshapes and transposes a fusion leaves around its fused op
+# (fuse-moe, fuse-norm, ... join as they land).
+_FUSION_PASSES: tuple[str, ...] = ("fuse-attention",)
 PRESETS: dict[str, str] = {
     "O0": "",
     "O1": "canonicalize,cse,dce",
-    "O2": ",".join((*_CLEANUP, "canonicalize")),
-    "O3": ",".join((*_CLEANUP, *_O3_FUSION_PASSES, "canonicalize")),
+    "O2": ",".join((*_CLEANUP, *_FUSION_PASSES, "canonicalize")),
+    "O3": ",".join((*_CLEANUP, *_FUSION_PASSES, "canonicalize")),
 }
 
 # What each grammar terminal looks like, for "expected ..." messages.

@@ -219,8 +219,8 @@ def test_format_option_value_quotes_what_would_read_back_differently():
 def test_presets():
     assert preset_pipeline(0) == ""
     assert preset_pipeline(1) == "canonicalize,cse,dce"
-    assert preset_pipeline(2) == "canonicalize,fold,cse,dce,canonicalize"
-    assert preset_pipeline(3) == preset_pipeline(2)  # until the fusion passes land
+    assert preset_pipeline(2) == "canonicalize,fold,cse,dce,fuse-attention,canonicalize"
+    assert preset_pipeline(3) == preset_pipeline(2)  # until O3-only fusion passes land
 
 
 @pytest.mark.parametrize("level", [-1, 4, True, "2"])

@@ -8,6 +8,7 @@ stderr naming the file position or the pass (a traceback only with --debug).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import secrets
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from flagtree.passes.base import format_option_value
 EMIT_FORMATS = ("ftir", "mlir", "triton", "python")
 # Fusion passes are named fuse-<what> (fuse-attention, fuse-moe, ...).
 FUSION_PASS_PREFIX = "fuse-"
+# The bool option a pass that can say why it did or did not fire takes (--explain sets it).
+EXPLAIN_OPTION = "explain"
 # Flags that only act on passes: with no pipeline they would do nothing, so say so.
 _PIPELINE_FLAGS = ("print_ir_before", "print_ir_after", "print_ir_after_all", "print_ir_after_change",
                    "print_ir_tree_dir", "timing", "check_semantics")
@@ -80,9 +83,10 @@ def build_parser(prog: str = "flagtree-opt") -> argparse.ArgumentParser:
     checking.add_argument("--timing", action="store_true",
                           help="print the time each pass took, to stderr (default: off)")
     checking.add_argument("--explain", action="store_true",
-                          help="say why each fusion pass in the pipeline did or did not fire (default: off). "
-                               "Not available yet: with no fusion pass in the pipeline it says there is nothing "
-                               "to explain, with one it fails")
+                          help="run every pass that has an 'explain' option with explain=true: fuse-attention "
+                               "prints one line per candidate softmax to stderr (file:line: fused, or the "
+                               "constraint that failed); a fusion pass without the option is named in a note "
+                               "(default: off)")
 
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--output", default="-", metavar="OUT",
@@ -122,7 +126,9 @@ def run(args: argparse.Namespace, prog: str) -> int:
     capabilities = backend.capabilities() if backend is not None else None
     pipeline = ",".join(p for p in (args.pipeline, backend.pipeline(capabilities) if backend else "") if p)
     if args.explain:
-        print(f"{prog}: note: {explain(pipeline)}", file=sys.stderr)
+        pipeline, notes = explain(pipeline)
+        for note in notes:
+            print(f"{prog}: note: {note}", file=sys.stderr)
     if pipeline:
         run_pipeline(module, pipeline, args, prog)
     else:
@@ -209,16 +215,21 @@ def warn_unused_pipeline_flags(args: argparse.Namespace, prog: str) -> None:
         print(f"{prog}: note: {', '.join(used)} did nothing: no pipeline was given (-p)", file=sys.stderr)
 
 
-def explain(pipeline: str) -> str:
-    """What --explain has to say about `pipeline`; raises OptionsError if it holds a fusion
-    pass, since no fusion pass can report its near misses yet."""
-    fusion_passes = sorted({p.name for p in parse_pipeline(pipeline) if p.name.startswith(FUSION_PASS_PREFIX)})
-    if fusion_passes:
-        raise OptionsError(f"--explain is not available yet: {', '.join(fusion_passes)} cannot report why a "
-                           f"pattern did not fuse (near-miss reports come with the pattern-fusion passes); "
-                           f"drop --explain")
-    shown = f"'{pipeline}'" if pipeline else "(none given)"
-    return f"--explain: no fusion pass in pipeline {shown}: nothing to explain"
+def explain(pipeline: str) -> tuple[str, list[str]]:
+    """`pipeline` with explain=true on every pass that has an `explain` option, and the
+    notes --explain prints: the fusion passes that cannot explain, or that there is nothing
+    to explain."""
+    passes = parse_pipeline(pipeline)
+    explaining = [p.name for p in passes if EXPLAIN_OPTION in p.options()]
+    silent = sorted({p.name for p in passes if p.name.startswith(FUSION_PASS_PREFIX)} - set(explaining))
+    notes = []
+    if silent:
+        notes.append(f"--explain: {', '.join(silent)} cannot report why a pattern did not fuse")
+    if not explaining and not silent:
+        shown = f"'{pipeline}'" if pipeline else "(none given)"
+        notes.append(f"--explain: no fusion pass in pipeline {shown}: nothing to explain")
+    explained = [dataclasses.replace(p, explain=True) if p.name in explaining else p for p in passes]
+    return ",".join(p.pipeline_text() for p in explained), notes
 
 
 def describe_passes() -> str:
