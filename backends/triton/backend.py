@@ -1,8 +1,9 @@
 """The base of the backends that run generated Triton kernels (cuda, rocm, interpret).
 
 compile: FTIR function → launch plan (backends/lowering.py), with one generated Triton
-kernel per `ft.fusion` region; matmuls call torch (cuBLAS / hipBLAS), other ops their
-reference implementations.  Subclasses say how kernels are wrapped (`jit`) and where
+kernel per `ft.fusion` region, `ft.attention` through the flash-attention kernel
+(attention.py); matmuls call torch (cuBLAS / hipBLAS), other ops their reference
+implementations.  Subclasses say how kernels are wrapped (`jit`) and where
 tensors live.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from flagtree.backends.base import Availability, Backend, Capabilities
 from flagtree.backends.lowering import lower_function
+from flagtree.backends.triton.attention import attention_lowering
 from flagtree.backends.triton.launch import write_launch
 from flagtree.backends.triton.library import KernelLibrary, LoadedKernel
 from flagtree.ir.core import Module, Operation
@@ -76,5 +78,6 @@ class TritonBackend(Backend):
             writer.note(f"{name}: ft.fusion at {op.location} -> {kernel.path}")
             return write_launch(kernel.launch, name, writer, operands)
 
-        plan = lower_function(module, self.name, {"ft.fusion": lower_fusion}, default_device=self.default_device)
+        lowerings = {"ft.fusion": lower_fusion, "ft.attention": attention_lowering(self.name, self.jit, capabilities)}
+        plan = lower_function(module, self.name, lowerings, default_device=self.default_device)
         return plan, kernels

@@ -1,0 +1,390 @@
+"""The Triton kernels of `ft.attention` (flash-attention forward), as plain functions.
+
+backends/triton/attention.py loads this file as a fresh module per backend and wraps the
+kernels with the backend's `jit` (`triton.jit` on GPUs, Triton's interpreter on the CPU) and
+the helpers (names starting with `_`) as Triton device functions, or rewritten like the
+kernels for the interpreter.  Nothing here is decorated, nothing else imports it.
+
+Both forward kernels run one program per query tile:
+
+- A tile's BLOCK_M rows are PACK query heads of one GQA group × BLOCK_M/PACK consecutive
+  query positions; all of them read the same KV head, so a K/V tile is loaded once for the
+  PACK heads (MQA decode and sliding windows read K/V once per position range instead of
+  once per head).  Row r holds head `r // POSITIONS`, position `r % POSITIONS`.
+- Programs walk the tiles in chunks of `chunk_packs` head packs (whose K/V fit in L2) and,
+  within a chunk, by query tile first, the longest causal rows first: the tail of the grid
+  is made of the shortest tiles, and the programs running together share their K/V.
+- Scores and softmax are f32, in base 2: scores are scaled by scale·log2(e) and
+  exponentiated with exp2.  The max starts at the head's sink logit (denominator 1) or at
+  -inf (denominator 0); a row whose visible scores are all -inf uses 0 as the max it
+  subtracts (exp2(-inf - -inf) would be NaN) and a row with a zero denominator divides by 1,
+  so a row that sees no key and has no sink is exactly 0.
+
+`attention_forward`: online softmax over the keys any row of the tile can see, [lo, hi), in
+BLOCK_N steps from lo (a window's first visible key, so a window costs window/BLOCK_N
+blocks).  The range is cut into three phases: blocks at the window's start that some row
+cannot fully see, blocks every row sees whole (no element mask, unmasked loads: most of the
+work), and the blocks at the causal diagonal or the end of the keys; `tl.static_range` gives
+each phase its own copy of the loop.  The qk head dim is read as two power-of-two column
+blocks DQK1 + DQK2 (192 = 128 + 64: MLA pays no padding), v as one block of DV ≥ Dv columns.
+Split-KV (SPLIT): program axis 1 cuts [lo, hi) into chunks of `split_blocks` blocks; each
+split writes its unnormalised accumulator, max and denominator to f32 scratch and
+`attention_combine` merges them (adding the sink).
+
+`attention_forward_one_block`: for tiles whose visible keys fit one block of KEYS keys (a
+sliding window, short sequences): exact softmax, with the head dims walked in CHUNK-wide
+column blocks, S = Σ_c Q[:, c]·K[:, c]ᵀ, then O[:, c] = P·V[:, c] stored chunk by chunk.  Its
+registers and shared memory do not grow with the head dim, so several programs share a
+multiprocessor even at head dim 512 (DeepSeek-V4), where the online kernel's f32 output tile
+alone fills half the register file.  For decode it also splits long key ranges KEYS at a time
+across programs (SPLIT), merged by `attention_combine` like the online kernel's splits.
+
+DOT_DTYPE is the inputs' type, except under Triton 3.6's interpreter with bf16 inputs: its
+tl.dot multiplies bf16 bit patterns as integers, so the operands are widened to f32 first
+(exact for bf16 values; the products and f32 sums are what a matrix unit computes).
+"""
+
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+def _tile(m_tiles, head_packs, chunk_packs, CAUSAL: tl.constexpr):
+    """(query tile, head pack) of this program."""
+    program = tl.program_id(0)
+    per_chunk = chunk_packs * m_tiles
+    first_pack = (program // per_chunk) * chunk_packs
+    packs_here = tl.minimum(chunk_packs, head_packs - first_pack)
+    index = program % per_chunk
+    m_tile = index // packs_here
+    if CAUSAL:
+        m_tile = m_tiles - 1 - m_tile
+    return m_tile, first_pack + index % packs_here
+
+
+def _rows(m_tile, head_pack, group, kv_heads, Sq, BLOCK_M: tl.constexpr, PACK: tl.constexpr):
+    """The tile's batch, KV head, and per row its query head, position and validity."""
+    POSITIONS: tl.constexpr = BLOCK_M // PACK
+    packs = group // PACK
+    batch = (head_pack // (kv_heads * packs)).to(tl.int64)
+    kv_head = ((head_pack // packs) % kv_heads).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    head = kv_head * group + (head_pack % packs) * PACK + rows // POSITIONS
+    position = m_tile * POSITIONS + rows % POSITIONS
+    return batch, kv_head, head, position, position < Sq
+
+
+def _key_range(first_position, last_position, Skv, causal_offset, window, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr):
+    """[lo, hi): the keys some position in [first_position, last_position] can see."""
+    lo = first_position * 0
+    hi = lo + Skv
+    if WINDOW:
+        lo = tl.maximum(first_position + causal_offset - window + 1, 0)
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(hi, last_position + causal_offset + 1), lo)
+    return lo, hi
+
+
+def _visible(key, position, row_valid, Skv, causal_offset, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[rows, keys]: which keys each row sees under the causal offset and the window."""
+    visible = (key < Skv)[None, :] & row_valid[:, None]
+    if CAUSAL:
+        visible = visible & (key[None, :] <= position[:, None] + causal_offset)
+    if WINDOW:
+        visible = visible & (position[:, None] + causal_offset - key[None, :] < window)
+    return visible
+
+
+def _mask_scores(scores, visible, mask, mask_offsets, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """`scores` (already scaled to base 2) with the mask operand applied and hidden keys at -inf."""
+    if HAS_MASK:
+        mask_block = tl.load(mask + mask_offsets, mask=visible, other=0)
+        if MASK_IS_BOOL:
+            visible = visible & (mask_block != 0)
+        else:
+            scores = scores + mask_block.to(tl.float32) * LOG2E
+    return tl.where(visible, scores, float("-inf"))
+
+
+def _initial_max(sinks, head, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """The running max and denominator before any key: the sink's logit and 1, or -inf and 0."""
+    if HAS_SINKS:
+        m = tl.load(sinks + head).to(tl.float32) * LOG2E
+        denominator = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        denominator = tl.zeros([BLOCK_M], tl.float32)
+    return m, denominator
+
+
+def _usable_max(m):
+    """The max to subtract: 0 for rows that have seen only -inf (avoids -inf - -inf)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+def _load_block(ptrs, offset, mask, desc, batch, kv_head, start_n, column, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
+                BOUNDED: tl.constexpr, USE_TMA: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A [ROWS, COLUMNS] block of K or V: through the tensor descriptor `desc` (the copy engine
+    fills rows and columns past the tensor's end with 0), or at `ptrs + offset`, where `mask`
+    (when BOUNDED) keeps the loads in bounds."""
+    if USE_TMA:
+        block = desc.load([batch, kv_head, start_n, column]).reshape(ROWS, COLUMNS)
+    elif BOUNDED:
+        block = tl.load(ptrs + offset, mask=mask, other=0.0)
+    else:
+        block = tl.load(ptrs + offset)
+    return block.to(DOT_DTYPE)
+
+
+def _block_scores(q1, q2, k1_ptrs, k2_ptrs, k1_desc, k2_desc, batch, kv_head, start_n, offset, in_range, cols1, cols2,
+                  HEAD_DQK: tl.constexpr, BLOCK_N: tl.constexpr, DQK1: tl.constexpr, DQK2: tl.constexpr,
+                  SPLIT_QK: tl.constexpr, BOUNDED: tl.constexpr, USE_TMA: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """q·kᵀ for the key block at `start_n` (f32, unscaled) and the block's first K columns.
+    BOUNDED: keys past the end read as 0 (else every load is in bounds)."""
+    k1 = _load_block(k1_ptrs, offset, in_range[:, None] & (cols1[None, :] < HEAD_DQK), k1_desc, batch, kv_head,
+                     start_n, 0, BLOCK_N, DQK1, BOUNDED or DQK1 > HEAD_DQK, USE_TMA, DOT_DTYPE)
+    scores = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+    if SPLIT_QK:
+        k2 = _load_block(k2_ptrs, offset, in_range[:, None] & (cols2[None, :] < HEAD_DQK), k2_desc, batch, kv_head,
+                         start_n, DQK1, BLOCK_N, DQK2, True, USE_TMA, DOT_DTYPE)
+        scores = tl.dot(q2, tl.trans(k2), scores, input_precision="ieee")
+    return scores, k1
+
+
+def _online_softmax(scores, m_i, l_i, acc, qk_scale, SCALED: tl.constexpr):
+    """One block's probabilities (unnormalised) and the running max, denominator and rescaled
+    accumulator.  SCALED: `scores` are already scaled to base 2 and may hold -inf."""
+    if SCALED:
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_use = _usable_max(m_new)
+        p = tl.math.exp2(scores - m_use[:, None])
+    else:  # one FMA per score, and every score is finite
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+        m_use = m_new
+        p = tl.math.exp2(scores * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+def attention_forward(
+    q, k, v, mask, sinks, out, partial_acc, partial_stats, k1_desc, k2_desc, v_desc,
+    Sq, Skv, kv_heads, group, q_heads, head_packs, chunk_packs, scratch_rows,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_ms, stride_mn,
+    stride_ob, stride_oh, stride_os, stride_od,
+    qk_scale, causal_offset, window, split_blocks,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, DQK1: tl.constexpr, DQK2: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_SINKS: tl.constexpr, KV_SHARED: tl.constexpr, SPLIT: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """DQK2: the width of the second qk column block, 16 and unused when the qk dim is one block.
+    USE_TMA: K and V blocks come through the tensor descriptors k1_desc, k2_desc, v_desc
+    (block shapes [1, 1, BLOCK_N, DQK1 / DQK2 / DV]) instead of pointer loads."""
+    POSITIONS: tl.constexpr = BLOCK_M // PACK
+    SPLIT_QK: tl.constexpr = DQK1 < HEAD_DQK
+    m_tiles = tl.cdiv(Sq, POSITIONS)
+    m_tile, head_pack = _tile(m_tiles, head_packs, chunk_packs, CAUSAL)
+    batch, kv_head, head, position, row_valid = _rows(m_tile, head_pack, group, kv_heads, Sq, BLOCK_M, PACK)
+    first_position = m_tile * POSITIONS
+    last_position = tl.minimum(first_position + POSITIONS, Sq) - 1
+    lo, hi = _key_range(first_position, last_position, Skv, causal_offset, window, CAUSAL, WINDOW)
+
+    # The blocks [clean_lo, clean_hi) (on the grid lo + j·BLOCK_N) that every row sees whole.
+    clean_lo = lo
+    if WINDOW:
+        partly_hidden = last_position + causal_offset - window  # the last key the last row cannot see
+        clean_lo = tl.where(partly_hidden >= lo, lo + ((partly_hidden - lo) // BLOCK_N + 1) * BLOCK_N, lo)
+    clean_limit = lo * 0 + Skv
+    if CAUSAL:
+        clean_limit = tl.minimum(clean_limit, first_position + causal_offset + 1)
+    clean_hi = lo + (tl.maximum(clean_limit - lo, 0) // BLOCK_N) * BLOCK_N
+    if SPLIT:
+        lo = lo + tl.program_id(1) * split_blocks * BLOCK_N
+        hi = tl.maximum(tl.minimum(hi, lo + split_blocks * BLOCK_N), lo)
+    clean_lo = tl.minimum(tl.maximum(clean_lo, lo), hi)
+    clean_hi = tl.minimum(tl.maximum(clean_hi, clean_lo), hi)
+
+    q_rows = q + batch * stride_qb + head * stride_qh + position.to(tl.int64) * stride_qs
+    cols1 = tl.arange(0, DQK1)
+    cols2 = DQK1 + tl.arange(0, DQK2)
+    q1 = tl.load(q_rows[:, None] + cols1[None, :] * stride_qd, mask=row_valid[:, None] & (cols1[None, :] < HEAD_DQK),
+                 other=0.0).to(DOT_DTYPE)
+    q2 = tl.load(q_rows[:, None] + cols2[None, :] * stride_qd, mask=row_valid[:, None] & (cols2[None, :] < HEAD_DQK),
+                 other=0.0).to(DOT_DTYPE)
+    keys = tl.arange(0, BLOCK_N)
+    batch32 = batch.to(tl.int32)
+    kv_head32 = kv_head.to(tl.int32)
+    k_start = k + batch * stride_kb + kv_head * stride_kh + lo.to(tl.int64) * stride_kn
+    k1_ptrs = k_start + keys[:, None] * stride_kn + cols1[None, :] * stride_kd
+    k2_ptrs = k_start + keys[:, None] * stride_kn + cols2[None, :] * stride_kd
+    cols_v = tl.arange(0, DV)
+    v_ptrs = (v + batch * stride_vb + kv_head * stride_vh + lo.to(tl.int64) * stride_vn
+              + keys[:, None] * stride_vn + cols_v[None, :] * stride_vd)
+    mask_offsets = (batch * stride_mb + head * stride_mh + position.to(tl.int64) * stride_ms
+                    + lo.to(tl.int64) * stride_mn)[:, None] + keys[None, :] * stride_mn
+
+    if SPLIT:  # the sink joins in attention_combine, once
+        m_i, l_i = _initial_max(sinks, head, BLOCK_M, False)
+    else:
+        m_i, l_i = _initial_max(sinks, head, BLOCK_M, HAS_SINKS)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+
+    for phase in tl.static_range(3):
+        # 0: the window's partly hidden first blocks; 1: blocks every row sees whole; 2: diagonal and end
+        masked = phase != 1
+        if phase == 0:
+            start = lo
+            stop = clean_lo
+        elif phase == 1:
+            start = clean_lo
+            stop = clean_hi
+        else:
+            start = clean_hi
+            stop = hi
+        if phase != 0 or WINDOW:
+            for start_n in tl.range(start, stop, BLOCK_N):
+                step = start_n - lo
+                key = start_n + keys
+                in_range = key < Skv
+                scores, k1 = _block_scores(q1, q2, k1_ptrs, k2_ptrs, k1_desc, k2_desc, batch32, kv_head32, start_n,
+                                           step * stride_kn, in_range, cols1, cols2, HEAD_DQK, BLOCK_N, DQK1, DQK2,
+                                           SPLIT_QK, masked, USE_TMA, DOT_DTYPE)
+                if masked or HAS_MASK:
+                    visible = _visible(key, position, row_valid, Skv, causal_offset, window, CAUSAL, WINDOW)
+                    scores = _mask_scores(scores * qk_scale, visible, mask, mask_offsets + step * stride_mn, HAS_MASK,
+                                          MASK_IS_BOOL)
+                p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, qk_scale, masked or HAS_MASK)
+                if KV_SHARED:
+                    values = k1
+                else:
+                    values = _load_block(v_ptrs, step * stride_vn, in_range[:, None] & (cols_v[None, :] < HEAD_DV),
+                                         v_desc, batch32, kv_head32, start_n, 0, BLOCK_N, DV, masked or DV > HEAD_DV,
+                                         USE_TMA, DOT_DTYPE)
+                # p is rounded to the input type, as the matrix unit reads it
+                acc = tl.dot(p.to(q.dtype.element_ty).to(DOT_DTYPE), values, acc, input_precision="ieee")
+
+    if SPLIT:
+        scratch_row = tl.program_id(1).to(tl.int64) * scratch_rows + (batch * q_heads + head) * Sq + position
+        tl.store(partial_acc + scratch_row[:, None] * DV + cols_v[None, :], acc, mask=row_valid[:, None])
+        tl.store(partial_stats + scratch_row * 2, m_i, mask=row_valid)
+        tl.store(partial_stats + scratch_row * 2 + 1, l_i, mask=row_valid)
+    else:
+        result = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_rows = out + batch * stride_ob + head * stride_oh + position.to(tl.int64) * stride_os
+        tl.store(o_rows[:, None] + cols_v[None, :] * stride_od, result.to(out.dtype.element_ty),
+                 mask=row_valid[:, None] & (cols_v[None, :] < HEAD_DV))
+
+
+def attention_forward_one_block(
+    q, k, v, mask, sinks, out, partial_acc, partial_stats,
+    Sq, Skv, kv_heads, group, q_heads, head_packs, chunk_packs, scratch_rows,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_ms, stride_mn,
+    stride_ob, stride_oh, stride_os, stride_od,
+    qk_scale, causal_offset, window,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, KEYS: tl.constexpr, PACK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, DV: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """SPLIT: program axis 1 takes the tile's keys KEYS at a time, writing unnormalised partial
+    results (to rows of DV columns) for attention_combine, as the online kernel's splits do."""
+    POSITIONS: tl.constexpr = BLOCK_M // PACK
+    m_tiles = tl.cdiv(Sq, POSITIONS)
+    m_tile, head_pack = _tile(m_tiles, head_packs, chunk_packs, CAUSAL)
+    batch, kv_head, head, position, row_valid = _rows(m_tile, head_pack, group, kv_heads, Sq, BLOCK_M, PACK)
+    first_position = m_tile * POSITIONS
+    last_position = tl.minimum(first_position + POSITIONS, Sq) - 1
+    lo, hi = _key_range(first_position, last_position, Skv, causal_offset, window, CAUSAL, WINDOW)
+    if SPLIT:
+        lo = lo + tl.program_id(1) * KEYS
+    key = lo + tl.arange(0, KEYS)
+    key_valid = key < hi
+
+    q_rows = q + batch * stride_qb + head * stride_qh + position.to(tl.int64) * stride_qs
+    k_rows = k + batch * stride_kb + kv_head * stride_kh + key.to(tl.int64) * stride_kn
+    v_rows = v + batch * stride_vb + kv_head * stride_vh + key.to(tl.int64) * stride_vn
+    cols = tl.arange(0, CHUNK)
+    scores = tl.zeros([BLOCK_M, KEYS], tl.float32)
+    for c in tl.range(0, HEAD_DQK, CHUNK):
+        col_valid = (c + cols < HEAD_DQK)[None, :]
+        q_chunk = tl.load(q_rows[:, None] + (c + cols)[None, :] * stride_qd, mask=row_valid[:, None] & col_valid,
+                          other=0.0).to(DOT_DTYPE)
+        k_chunk = tl.load(k_rows[:, None] + (c + cols)[None, :] * stride_kd, mask=key_valid[:, None] & col_valid,
+                          other=0.0).to(DOT_DTYPE)
+        scores = tl.dot(q_chunk, tl.trans(k_chunk), scores, input_precision="ieee")
+
+    visible = _visible(key, position, row_valid, Skv, causal_offset, window, CAUSAL, WINDOW) & key_valid[None, :]
+    mask_offsets = (batch * stride_mb + head * stride_mh + position.to(tl.int64) * stride_ms)[:, None] \
+        + key.to(tl.int64)[None, :] * stride_mn
+    scores = _mask_scores(scores * qk_scale, visible, mask, mask_offsets, HAS_MASK, MASK_IS_BOOL)
+    m_i, l_i = _initial_max(sinks, head, BLOCK_M, HAS_SINKS and not SPLIT)
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_use = _usable_max(m_new)
+    p = tl.math.exp2(scores - m_use[:, None])
+    l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(p, 1)
+    if SPLIT:  # attention_combine normalises (and adds the sink)
+        scratch_row = tl.program_id(1).to(tl.int64) * scratch_rows + (batch * q_heads + head) * Sq + position
+        tl.store(partial_stats + scratch_row * 2, m_new, mask=row_valid)
+        tl.store(partial_stats + scratch_row * 2 + 1, l_i, mask=row_valid)
+        o_rows = partial_acc + scratch_row * DV
+        o_column_stride = 1
+    else:
+        p = p / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_rows = out + batch * stride_ob + head * stride_oh + position.to(tl.int64) * stride_os
+        o_column_stride = stride_od
+    p = p.to(q.dtype.element_ty).to(DOT_DTYPE)  # rounded to the input type, as the matrix unit reads it
+
+    for c in tl.range(0, HEAD_DV, CHUNK):
+        col_valid = (c + cols < HEAD_DV)[None, :]
+        v_chunk = tl.load(v_rows[:, None] + (c + cols)[None, :] * stride_vd, mask=key_valid[:, None] & col_valid,
+                          other=0.0).to(DOT_DTYPE)
+        result = tl.dot(p, v_chunk, input_precision="ieee")
+        tl.store(o_rows[:, None] + (c + cols)[None, :] * o_column_stride, result.to(o_rows.dtype.element_ty),
+                 mask=row_valid[:, None] & col_valid)
+
+
+def attention_combine(
+    partial_acc, partial_stats, sinks, out,
+    splits, scratch_rows, Sq, q_heads,
+    stride_ob, stride_oh, stride_os, stride_od,
+    HEAD_DV: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+):
+    """Merge the split-KV partials of one row (= (batch·Hq + head)·Sq + position), BLOCK_D columns,
+    reading BLOCK_S splits per step: first the max over all splits (and the sink), then the sum."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    position = row % Sq
+    head = (row // Sq) % q_heads
+    batch = row // Sq // q_heads
+    split_ids = tl.arange(0, BLOCK_S)
+    m = float("-inf")
+    if HAS_SINKS:
+        sink = tl.load(sinks + head).to(tl.float32) * LOG2E
+        m = sink
+    for first in tl.range(0, splits, BLOCK_S):
+        stats = partial_stats + ((first + split_ids) * scratch_rows + row) * 2
+        m = tl.maximum(m, tl.max(tl.load(stats, mask=first + split_ids < splits, other=float("-inf")), 0))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    denominator = 0.0
+    if HAS_SINKS:
+        denominator = tl.math.exp2(sink - m_use)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for first in tl.range(0, splits, BLOCK_S):
+        split = first + split_ids
+        in_range = split < splits
+        scratch_row = split * scratch_rows + row
+        weight = tl.math.exp2(tl.load(partial_stats + scratch_row * 2, mask=in_range, other=float("-inf")) - m_use)
+        denominator += tl.sum(weight * tl.load(partial_stats + scratch_row * 2 + 1, mask=in_range, other=0.0), 0)
+        partial = tl.load(partial_acc + scratch_row[:, None] * DV + cols[None, :], mask=in_range[:, None], other=0.0)
+        acc += tl.sum(weight[:, None] * partial, 0)
+    result = acc / tl.where(denominator > 0.0, denominator, 1.0)
+    tl.store(out + batch * stride_ob + head * stride_oh + position * stride_os + cols * stride_od,
+             result.to(out.dtype.element_ty), mask=cols < HEAD_DV)
