@@ -39,6 +39,7 @@ from flagtree.backends.triton.attention import (
 )
 from flagtree.ir import Builder, Module, Operation, new_function, parse_type, verify
 from flagtree.ir.ops.attention import CAUSAL_KINDS, attention_reference, visible_keys
+from tests.triton_sm90 import CompileForSm90
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 HOPPER = Capabilities(target="cuda:sm_90", dtypes=frozenset({"f32", "f16", "bf16"}),
@@ -258,7 +259,7 @@ def attention_module(types: list[str], **attrs) -> Module:
     return module
 
 
-def test_compiled_module_launches_the_kernel(backend):
+def testcompiled_module_launches_the_kernel(backend):
     types = ["tensor<2x4x17x64xbf16>", "tensor<2x2x33x64xbf16>", "tensor<2x2x33x32xbf16>",
              "tensor<2x1x17x33xi1>", "tensor<4xf32>"]
     attrs = {"scale": 0.125, "causal": "lower_right", "window": 8, "has_mask": True, "has_sinks": True}
@@ -354,41 +355,11 @@ def test_tuner_times_each_class_once_and_remembers_it_on_disk():
 
 
 # ------------------------------------------------------------------------- GPU compilation
-class _CompileForSm90:
-    """Stands in for a JITFunction: compiles for sm_90 on launch, exactly as triton.jit would."""
-
-    def __init__(self, function, do_not_specialize):
-        from triton.runtime.jit import JITFunction
-
-        self.jit = JITFunction(function, do_not_specialize=do_not_specialize)
-        self.compiled = []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            import triton
-            from triton.backends.compiler import GPUTarget
-            from triton.compiler import ASTSource, make_backend
-            from triton.runtime.jit import create_function_from_signature
-
-            target = GPUTarget("cuda", 90, 32)
-            backend = make_backend(target)
-            binder = create_function_from_signature(self.jit.signature, self.jit.params, backend)
-            bound, specialization, options = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = self.jit._pack_args(backend, kwargs, bound, specialization,
-                                                                        options)
-            _compiled.append(triton.compile(ASTSource(self.jit, signature, constexprs, attrs), target=target,
-                                            options=options.__dict__))
-
-        return launch
-
-
-_compiled: list = []
-
-
 def test_kernels_compile_for_sm90_with_tensor_cores():
     """The online kernel (bf16, MLA head dims 192/128, causal), the one-block kernel (V4) and
     split-KV with its merge compile for Hopper, the dots on wgmma."""
-    attention = FlashAttention("sm90-compile-check", _CompileForSm90, HOPPER)
+    CompileForSm90.compiled.clear()
+    attention = FlashAttention("sm90-compile-check", CompileForSm90, HOPPER)
     q = torch.empty(1, 8, 256, 192, dtype=torch.bfloat16)
     k = torch.empty(1, 8, 256, 192, dtype=torch.bfloat16)
     v = torch.empty(1, 8, 256, 128, dtype=torch.bfloat16)
@@ -401,5 +372,5 @@ def test_kernels_compile_for_sm90_with_tensor_cores():
                   config=AttentionConfig(64, 128, 64, 4, 3, 64))
     attention.run(q[:, :, :1], kv, kv, None, sinks, scale=0.1, causal="lower_right", window=0,
                   config=AttentionConfig(64, 64, 64, 8, 2), splits=2)
-    assert len(_compiled) == 4
-    assert all("wgmma.mma_async" in c.asm["ptx"] for c in _compiled[:3])
+    assert len(CompileForSm90.compiled) == 4
+    assert all("wgmma.mma_async" in c.asm["ptx"] for c in CompileForSm90.compiled[:3])

@@ -38,6 +38,7 @@ from flagtree.ir import (
 from flagtree.passes import PassManager
 from flagtree.runtime import cache_stats, reset_cache_stats
 from tests.strategies import random_inputs, result_tolerances, runnable_modules, seeds
+from tests.triton_sm90 import CompileForSm90
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
@@ -428,36 +429,6 @@ def test_unsupported_region_runs_eagerly_and_is_counted(backend, caplog):
 nvidia = pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
 
 
-class _CompileForSm90:
-    """Stands in for a JITFunction: on launch, compiles for sm_90 exactly as triton.jit
-    would (same argument specialisation) and records the result instead of running."""
-
-    compiled: list = []
-
-    def __init__(self, function, do_not_specialize):
-        from triton.runtime.jit import JITFunction
-
-        self.jit = JITFunction(function, do_not_specialize=do_not_specialize)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            import triton
-            from triton.backends.compiler import GPUTarget
-            from triton.compiler import ASTSource, make_backend
-            from triton.runtime.jit import create_function_from_signature
-
-            target = GPUTarget("cuda", 90, 32)
-            backend = make_backend(target)
-            binder = create_function_from_signature(self.jit.signature, self.jit.params, backend)
-            bound, specialization, options = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = self.jit._pack_args(backend, kwargs, bound, specialization,
-                                                                        options)
-            source = ASTSource(self.jit, signature, constexprs, attrs)
-            self.compiled.append(triton.compile(source, target=target, options=options.__dict__))
-
-        return launch
-
-
 class _Sm90Backend(InterpretBackend):
     name = "sm90-compile-check"
 
@@ -468,7 +439,7 @@ class _Sm90Backend(InterpretBackend):
                             shared_memory_bytes=227 * 1024, warp_size=32, max_threads_per_block=1024)
 
     def jit(self, function, do_not_specialize):
-        return _CompileForSm90(function, do_not_specialize)
+        return CompileForSm90(function, do_not_specialize)
 
 
 def _memory_ops(compiled) -> set[str]:
@@ -496,7 +467,7 @@ def test_kernels_compile_for_sm90_with_vectorised_memory_access():
               [torch.empty(64, 4096, dtype=torch.bfloat16)] * 2)]
     for module, args in cases:
         backend.compile(module, backend.capabilities())(*args)
-        assert {"ld.global.v4.b32", "st.global.v4.b32"} <= _memory_ops(_CompileForSm90.compiled[-1])
+        assert {"ld.global.v4.b32", "st.global.v4.b32"} <= _memory_ops(CompileForSm90.compiled[-1])
 
 
 def test_dynamic_softmax_and_nan_aware_amax_compile_for_sm90():
@@ -505,7 +476,7 @@ def test_dynamic_softmax_and_nan_aware_amax_compile_for_sm90():
         b.value("ft.softmax", a[0], dim=1, result_type=parse_type("tensor<?x?xf32>")),
         b.value("ft.amax", a[0], dims=(1,), keepdim=False)], "reduction")
     backend.compile(module, backend.capabilities())(torch.empty(8, 3000, dtype=torch.bfloat16))
-    ttir = _CompileForSm90.compiled[-1].asm["ttir"]
+    ttir = CompileForSm90.compiled[-1].asm["ttir"]
     assert "scf.for" in ttir and "arith.maximumf" in ttir  # looped row, NaN-propagating max
 
 
@@ -517,9 +488,9 @@ def test_kernels_of_random_fused_programs_compile_for_sm90(module, seed):
     PassManager("fuse-elementwise").run(module)
     backend = _Sm90Backend()
     plan, kernels = backend.compile_with_kernels(module, backend.capabilities())
-    compiled = len(_CompileForSm90.compiled)
+    compiled = len(CompileForSm90.compiled)
     plan(*inputs)
-    assert len(_CompileForSm90.compiled) - compiled == len(kernels)
+    assert len(CompileForSm90.compiled) - compiled == len(kernels)
 
 
 # --- the example zoo through torch.compile ---------------------------------------------------
