@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flagtree.errors import VerificationError
-from flagtree.ir import Location, Module, TensorType, parse_module, verify
+from flagtree.ir import Location, Module, Operation, TensorType, Value, parse_module, verify
 from flagtree.ir.opdef import ELEMENTWISE, REDUCTION, lookup
 from flagtree.ir.types import ScalarType
 from tests.strategies import modules
@@ -95,6 +95,21 @@ CASES = {
               f'    %1 = ‸"ft.softmax"(%arg1) : ({T}) -> {T}\n    "ft.yield"(%1) : ({T}) -> ()\n  }}) : ({T}) -> {T}\n'
               + RETURN),
         "ft.softmax", ["requires attribute 'dim'"]),
+    "fusion_region_reads_a_function_argument": (
+        _func(f'  %0 = "ft.fusion"(%arg0) ({{\n  ^bb0(%arg1: {T}):\n'
+              f'    %1 = ‸"ft.exp"(%arg0) : ({T}) -> {T}\n    "ft.yield"(%1) : ({T}) -> ()\n  }}) : ({T}) -> {T}\n'
+              + RETURN),
+        "ft.exp", [f"operand #0 is block argument #0 of 'func.func' at {FILE}:1:1",
+                   f"defined outside the region of 'ft.fusion' at {FILE}:3:8",
+                   "pass it as an operand of the ft.fusion"]),
+    "fusion_region_reads_an_outer_result": (
+        _func(f'  %0 = "ft.neg"(%arg0) : ({T}) -> {T}\n'
+              f'  %1 = "ft.fusion"(%arg0) ({{\n  ^bb0(%arg1: {T}):\n'
+              f'    %2 = ‸"ft.add"(%arg1, %0) : ({T}, {T}) -> {T}\n    "ft.yield"(%2) : ({T}) -> ()\n'
+              f'  }}) : ({T}) -> {T}\n  "func.return"(%1) : ({T}) -> ()\n'),
+        "ft.add", [f"operand #1 is result #0 of 'ft.neg' at {FILE}:3:8",
+                   f"defined outside the region of 'ft.fusion' at {FILE}:4:8",
+                   "pass it as an operand of the ft.fusion"]),
     "function_without_return": (
         MARK + _func(f'  %0 = "ft.exp"(%arg0) : ({T}) -> {T}\n', result="()"),
         "func.func", ["body must end with func.return"]),
@@ -154,6 +169,32 @@ def test_value_from_another_function():
         verify(module)
     assert str(info.value).startswith(f"{FILE}:3:8: 'ft.sin' op: operand #0 is used before it is defined (or "
                                       "defined in another scope)")
+
+
+def _region_uses_of_arguments(module: Module) -> list[tuple[Operation, int, Value]]:
+    """(op, operand index, outer value) for each use of an ft.fusion region argument, with the
+    fusion operand that argument stands for: the value a non-isolated region would read directly."""
+    return [
+        (user, index, fusion.operands[arg.index])
+        for fusion in module.walk() if fusion.name == "ft.fusion"
+        for arg in fusion.regions[0].block.args for user, index in arg.uses
+        if user.name != "ft.yield"
+    ]
+
+
+@whole_modules
+@given(module=modules().filter(_region_uses_of_arguments), data=st.data())
+def test_any_region_reading_an_outer_value_is_caught_at_the_reader(module, data):
+    """Regions are isolated from above: reading the outer value instead of the region argument
+    that carries it (same type, same data) is still an error, reported at the reading op."""
+    op, index, outer = data.draw(st.sampled_from(_region_uses_of_arguments(module)))
+    op.set_operand(index, outer)
+    with pytest.raises(VerificationError) as info:
+        verify(module)
+    message = str(info.value)
+    assert message.startswith(f"{op.location}: '{op.name}' op: operand #{index} is "), message
+    assert "defined outside the region of 'ft.fusion'" in message, message
+    assert "pass it as an operand of the ft.fusion" in message, message
 
 
 def test_minimal_valid_module_verifies():

@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from flagtree.errors import SourceError
 from flagtree.ir import (
     Block,
     Builder,
@@ -154,3 +156,43 @@ def test_resource_handles_keep_their_names_in_a_fresh_context():
     reprinted = str(parsed)
     assert "dense_resource<w0>" in reprinted
     assert "dense_resource<weights.w_q$0>" in reprinted
+
+
+def _resource_constants(names: list[str]) -> Module:
+    """A module returning one ft.constant per name, each a resource of that name."""
+    module = Module.empty()
+    weight = TensorType((2,), ScalarType("f32"))
+    _, block = new_function(module, "main", [])
+    b = Builder(block)
+    constants = [b.value("ft.constant", result_type=weight, value=ResourceAttr(name, weight)) for name in names]
+    b.create("func.return", constants, {}, [])
+    return module
+
+
+def _resource_names(module: Module) -> list[str]:
+    return [op.attributes["value"].name for op in module.walk() if op.name == "ft.constant"]
+
+
+# Names near the edge of MLIR's bare identifier [A-Za-z_][A-Za-z0-9_$.]*, and anything else.
+resource_names = st.one_of(st.text(alphabet="aZ_09$.-: \"\\\n日", min_size=1, max_size=8),
+                           st.text(min_size=1, max_size=8))
+
+
+@given(names=st.lists(resource_names, min_size=1, max_size=3))
+def test_any_resource_name_survives_mlir(names):
+    """Any string names a resource: what is no MLIR bare identifier prints as a string literal,
+    MLIR parses it, and MLIR's own print of it parses back to the same name."""
+    module = _resource_constants(names)
+    text = print_module(module)
+    _, parsed = _mlir_parse(text)
+    assert _resource_names(parse_module(text)) == names
+    assert _resource_names(parse_module(parsed.operation.get_asm(print_generic_op_form=True), "mlir.ftir")) == names
+
+
+def test_an_empty_resource_name_is_rejected():
+    """MLIR would give each use of an empty handle its own name (the second becomes `_1`)."""
+    with pytest.raises(ValueError, match="non-empty name"):
+        ResourceAttr("", TensorType((2,), ScalarType("f32")))
+    text = print_module(_resource_constants(["w"])).replace("dense_resource<w>", 'dense_resource<"">')
+    with pytest.raises(SourceError, match=r"^empty\.ftir:4:\d+: error: a dense_resource needs a non-empty name"):
+        parse_module(text, "empty.ftir")

@@ -96,7 +96,7 @@ def _resource_name(node: fx.Node) -> str:
     if keys[:1] == ["self"]:
         keys = keys[1:]
     name = re.sub(r"[^A-Za-z0-9_.]", "_", ".".join(keys) or node.name)
-    # An FTIR resource name is an identifier: `0.weight` (a Sequential's child) is not.
+    # Kept a bare identifier so it prints unquoted: `_0.weight`, not `"0.weight"` (a Sequential's child).
     return name if re.match(r"[A-Za-z_]", name) else "_" + name
 
 

@@ -15,6 +15,9 @@ Attributes are plain Python values, printed as MLIR builtin attributes:
 | `ScalarType` / `TensorType`     | the type itself                    |
 | `DenseAttr` (small tensors)     | `dense<[1.0, 2.0]> : tensor<2xf32>`|
 | `ResourceAttr` (weights)        | `dense_resource<name> : tensor<..>`|
+
+A dict key or resource name that is not an MLIR bare identifier (`[A-Za-z_][A-Za-z0-9_$.]*`)
+prints as a string literal: `{"a-b" = 1 : i64}`, `dense_resource<"0.weight">`.
 """
 
 from __future__ import annotations
@@ -71,10 +74,17 @@ class FloatBits:
 
 @dataclass(frozen=True)
 class ResourceAttr:
-    """A named tensor whose data lives beside the IR (frozen weights), not in the text."""
+    """A named tensor whose data lives beside the IR (frozen weights), not in the text.
+    Any non-empty string is a valid name."""
 
     name: str
     type: TensorType
+
+    def __post_init__(self) -> None:
+        # MLIR's parser declares an empty handle anew at each use and renames all but the
+        # first (to `_1`, ...), so two uses of one empty name would name different tensors.
+        if not self.name:
+            raise ValueError("a dense_resource needs a non-empty name")
 
 
 Attribute = Any  # one of the Python kinds in the module docstring
@@ -181,20 +191,21 @@ def format_attribute(value: Attribute) -> str:
     if isinstance(value, DenseAttr):
         return f"dense<{_format_dense(value)}> : {value.type}"
     if isinstance(value, ResourceAttr):
-        return f"dense_resource<{value.name}> : {value.type}"
+        return f"dense_resource<{_format_name(value.name)}> : {value.type}"
     raise TypeError(f"{type(value).__name__} is not an FTIR attribute value: {value!r}")
 
 
 def format_attr_dict(attrs: dict[str, Attribute]) -> str:
-    return "{" + ", ".join(f"{_format_key(k)} = {format_attribute(attrs[k])}" for k in sorted(attrs)) + "}"
+    return "{" + ", ".join(f"{_format_name(k)} = {format_attribute(attrs[k])}" for k in sorted(attrs)) + "}"
 
 
 _BARE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_$.]*")
 
 
-def _format_key(key: str) -> str:
-    """An attribute name: bare when MLIR allows it, else a string literal."""
-    return key if _BARE_ID.fullmatch(key) else escape_string(key)
+def _format_name(name: str) -> str:
+    """An attribute name or resource handle: bare when MLIR's lexer reads it as one
+    identifier, else a string literal (MLIR reads both forms as the same name)."""
+    return name if _BARE_ID.fullmatch(name) else escape_string(name)
 
 
 def _format_dense(attr: DenseAttr) -> str:

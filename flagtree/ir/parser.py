@@ -22,7 +22,7 @@ _TERMINAL_NAMES = {
     "BLOCK_ID": "a block label (^bb0)",
     "ELEM_TYPE": "an element type (f32, bf16, i64, ...)",
     "TENSOR_TYPE": "a tensor type (tensor<2x?xf32>)",
-    "ATTR_KEY": "an attribute name",
+    "BARE_ID": "a name (letters, digits, _ $ ., or a string)",
     "STRING": "a string (an op name such as \"ft.add\")",
     "INT": "an integer",
     "FLOAT": "a float",
@@ -237,10 +237,10 @@ class _Builder:
         for entry in tree.children:
             if entry is None:
                 continue
-            key_tok, value_tree = entry.children
-            key = self.string(key_tok) if key_tok.type == "STRING" else str(key_tok)
+            name_tree, value_tree = entry.children
+            key = self.name(name_tree)
             if key in out:
-                raise self.error(f"attribute '{key}' appears twice", key_tok)
+                raise self.error(f"attribute '{key}' appears twice", name_tree.children[0])
             out[key] = None if value_tree is None else self.attr_value(value_tree)
         return out
 
@@ -277,15 +277,23 @@ class _Builder:
             except (ValueError, RuntimeError) as e:
                 raise self.error(str(e), tree) from None
         if kind == "resource_attr":
-            name_tok, type_tree = tree.children
+            name_tree, type_tree = tree.children
             type_ = self.type(type_tree)
             if not isinstance(type_, TensorType):
                 raise self.error(f"dense_resource needs a tensor type, not {type_}", tree)
-            return ResourceAttr(str(name_tok), type_)
+            try:
+                return ResourceAttr(self.name(name_tree), type_)
+            except ValueError as e:
+                raise self.error(str(e), name_tree.children[0]) from None
         if kind == "type_attr":
             child = tree.children[0]
             return self.function_type(child) if child.data == "function_type" else self.type(child)
         raise self.error(f"unsupported attribute form '{kind}'", tree)
+
+    def name(self, tree: Tree) -> str:
+        """An attribute name or resource handle: a bare identifier or a string literal."""
+        (tok,) = tree.children
+        return self.string(tok) if tok.type == "STRING" else str(tok)
 
     def string(self, tok: Token) -> str:
         try:

@@ -1,9 +1,14 @@
-"""Check FTIR invariants; every error names the op, its location and what is wrong."""
+"""Check FTIR invariants; every error names the op, its location and what is wrong.
+
+Every region is isolated from above: its ops read only the region's block arguments and
+values defined inside it.  The executors and code generators run a region (an ft.fusion
+kernel) on its arguments alone, so a value captured from outside would have no binding.
+"""
 
 from __future__ import annotations
 
 from flagtree.errors import VerificationError
-from flagtree.ir.core import Block, Module, Operation
+from flagtree.ir.core import Block, BlockArgument, Module, Operation, Value
 from flagtree.ir.opdef import TERMINATOR, lookup
 from flagtree.ir.types import Type, types_compatible
 
@@ -36,22 +41,54 @@ def _verify_function(func: Operation) -> None:
     block = func.regions[0].block
     if block.terminator is None or block.terminator.name != "func.return":
         _fail(func, "body must end with func.return")
-    _verify_block(block, set())
+    _verify_block(block)
 
 
-def _verify_block(block: Block, visible: set[int]) -> None:
-    defined = set(visible) | {id(a) for a in block.args}
+def _verify_block(block: Block) -> None:
+    defined = {id(a) for a in block.args}
     for index, op in enumerate(block.ops):
         for i, operand in enumerate(op.operands):
             if id(operand) not in defined:
-                _fail(op, f"operand #{i} is used before it is defined (or defined in another scope)")
+                _fail(op, _undefined_operand_message(block, i, operand))
         verify_op(op)
         if lookup(op.name) is not None and TERMINATOR in lookup(op.name).traits and index != len(block.ops) - 1:
             _fail(op, "is a terminator but is not last in its block")
         for region in op.regions:
             for inner in region.blocks:
-                _verify_block(inner, defined)
+                _verify_block(inner)
         defined.update(id(r) for r in op.results)
+
+
+def _undefined_operand_message(block: Block, index: int, operand: Value) -> str:
+    region_op = _owner(block)
+    if region_op is None or not _defined_around(region_op, operand):
+        return f"operand #{index} is used before it is defined (or defined in another scope)"
+    return (f"operand #{index} is {_describe(operand)}, defined outside the region of '{region_op.name}' at "
+            f"{region_op.location}; regions are isolated from above: pass it as an operand of the "
+            f"{region_op.name} and read the matching region argument instead")
+
+
+def _owner(block: Block) -> Operation | None:
+    """The op whose region holds `block`."""
+    return block.parent.parent if block.parent is not None else None
+
+
+def _defined_around(op: Operation, value: Value) -> bool:
+    """Whether `value` is defined in a block that encloses `op`."""
+    home = value.block if isinstance(value, BlockArgument) else value.op.parent
+    block = op.parent
+    while block is not None and block is not home:
+        owner = _owner(block)
+        block = owner.parent if owner is not None else None
+    return block is not None
+
+
+def _describe(value: Value) -> str:
+    if isinstance(value, BlockArgument):
+        owner = _owner(value.block)
+        where = f" of '{owner.name}' at {owner.location}" if owner is not None else ""
+        return f"block argument #{value.index}{where}"
+    return f"result #{value.index} of '{value.op.name}' at {value.op.location}"
 
 
 def verify_op(op: Operation) -> None:
