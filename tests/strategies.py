@@ -751,3 +751,28 @@ def _factorizations(draw, numel: int) -> tuple[int, ...]:
     if remaining != 1 or not factors or draw(st.booleans()):
         factors.append(remaining)
     return tuple(factors)
+
+
+# ---------------------------------------------------------------- bf16 rounding, shared by the code generators' tests
+
+BF16_ROUNDING_TYPES = ["tensor<128x1xbf16>", "tensor<128xbf16>"]
+
+
+def bf16_rounding_body(b: Builder, args: list[Value]) -> list[Value]:
+    """x·y + x cast to f32, floor(x·y) and x·y == round(x·y), all in bf16: a kernel that skips
+    one bf16 rounding disagrees with eager on some element of `bf16_rounding_inputs`."""
+    x, y = args
+    product = b.value("ft.mul", x, y)
+    total = b.value("ft.add", product, x)
+    as_f32 = b.value("ft.cast", total, result_type=TensorType(total.type.shape, ScalarType("f32")))
+    return [as_f32, b.value("ft.floor", product), b.value("ft.eq", product, b.value("ft.round", product))]
+
+
+def bf16_rounding_inputs() -> list[torch.Tensor]:
+    """Every bf16 in [1, 2) (as a column) and twice it (as a row): products just below an integer
+    round up to it in bf16, so their floor depends on the rounding."""
+    every_bf16_in_1_to_2 = 1 + torch.arange(128, dtype=torch.float32) / 128
+    x, y = every_bf16_in_1_to_2.reshape(128, 1), 2 * every_bf16_in_1_to_2
+    exact = x * y  # two 8-bit significands: exact in f32
+    assert (exact.floor() != exact.bfloat16().float().floor()).any(), "the inputs must reach the case"
+    return [x.bfloat16(), y.bfloat16()]

@@ -32,7 +32,15 @@ from flagtree.ir.printer import print_module
 from flagtree.ir.types import ScalarType, TensorType, parse_type
 from flagtree.passes.fuse_elementwise import FuseElementwise
 from flagtree.runtime.cache import cache_stats
-from tests.strategies import random_inputs, result_tolerances, runnable_modules, seeds
+from tests.strategies import (
+    BF16_ROUNDING_TYPES,
+    bf16_rounding_body,
+    bf16_rounding_inputs,
+    random_inputs,
+    result_tolerances,
+    runnable_modules,
+    seeds,
+)
 
 pytestmark = pytest.mark.mlir
 
@@ -295,20 +303,9 @@ def test_a_bf16_result_cast_to_f32_holds_the_bf16_value():
 
 def test_bf16_arithmetic_rounds_every_op_like_eager():
     """add and mul are correctly rounded in f32 and then in bf16, so the kernel and eager agree
-    bit for bit, f32 cast, floor and comparisons included: a product just below an integer
-    rounds up to it in bf16, and its floor must see the rounded value."""
-    def body(b: Builder, args: list[Value]) -> list[Value]:
-        x, y = args
-        product = b.value("ft.mul", x, y)
-        return [cast(b, b.value("ft.add", product, x), "f32"), b.value("ft.floor", product),
-                b.value("ft.eq", product, b.value("ft.round", product))]
-
-    family = Family(["tensor<128x1xbf16>", "tensor<128xbf16>"], body)
-    every_bf16_in_1_to_2 = 1 + torch.arange(128, dtype=torch.float32) / 128
-    x, y = every_bf16_in_1_to_2.reshape(128, 1), 2 * every_bf16_in_1_to_2
-    exact = x * y  # two 8-bit significands: exact in f32
-    assert (exact.floor() != exact.bfloat16().float().floor()).any()  # the inputs reach the case
-    args = [x.bfloat16(), y.bfloat16()]
+    bit for bit, f32 cast, floor and comparisons included."""
+    family = Family(BF16_ROUNDING_TYPES, bf16_rounding_body)
+    args = bf16_rounding_inputs()
     for got, expected in zip(family.kernel(*args), run_module(family.module, args), strict=True):
         assert torch.equal(got, expected)
 

@@ -37,7 +37,15 @@ from flagtree.ir import (
 )
 from flagtree.passes import PassManager
 from flagtree.runtime import cache_stats, reset_cache_stats
-from tests.strategies import random_inputs, result_tolerances, runnable_modules, seeds
+from tests.strategies import (
+    BF16_ROUNDING_TYPES,
+    bf16_rounding_body,
+    bf16_rounding_inputs,
+    random_inputs,
+    result_tolerances,
+    runnable_modules,
+    seeds,
+)
 from tests.triton_sm90 import CompileForSm90
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -250,21 +258,11 @@ def test_a_bf16_result_cast_to_f32_holds_the_bf16_value(backend):
 
 def test_bf16_arithmetic_rounds_every_op_like_eager(backend):
     """add and mul are correctly rounded in f32 and then in bf16, so the kernel and eager agree
-    bit for bit, f32 cast, floor and comparisons included: a product just below an integer
-    rounds up to it in bf16, and its floor must see the rounded value."""
-    def body(b, args):
-        x, y = args
-        product = b.value("ft.mul", x, y)
-        return [cast(b, b.value("ft.add", product, x), "f32"), b.value("ft.floor", product),
-                b.value("ft.eq", product, b.value("ft.round", product))]
-
-    module = fusion_module(["tensor<128x1xbf16>", "tensor<128xbf16>"], body)
-    every_bf16_in_1_to_2 = 1 + torch.arange(128, dtype=torch.float32) / 128
-    x, y = every_bf16_in_1_to_2.reshape(128, 1), 2 * every_bf16_in_1_to_2
-    exact = x * y  # two 8-bit significands: exact in f32
-    assert (exact.floor() != exact.bfloat16().float().floor()).any()  # the inputs reach the case
+    bit for bit, f32 cast, floor and comparisons included."""
+    module = fusion_module(BF16_ROUNDING_TYPES, bf16_rounding_body)
+    args = bf16_rounding_inputs()
     plan = backend.compile(module, backend.capabilities())
-    for actual, expected in zip(plan(x.bfloat16(), y.bfloat16()), run_module(module, [x.bfloat16(), y.bfloat16()])):
+    for actual, expected in zip(plan(*args), run_module(module, args), strict=True):
         assert torch.equal(actual, expected)
 
 
