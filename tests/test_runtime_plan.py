@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from flagtree.backends.lowering import UnsupportedRegion, lower_function
 from flagtree.backends.reference import run_module
+from flagtree.backends.reference.executor import ExecutionError
 from flagtree.ir import Builder, Module, new_function, parse_module, parse_type
+from flagtree.ir.types import ScalarType, TensorType
 from flagtree.runtime import DeviceConstant, LaunchPlan, PlanWriter
 from tests.strategies import random_inputs, runnable_modules, seeds
 
@@ -161,3 +163,43 @@ def test_lowered_random_programs_compute_what_the_reference_computes(module, see
             assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a[~a.isnan()], e[~e.isnan()])
         else:
             assert a == e
+
+
+def _index_module(x_shape: tuple[int, ...], dim: int, count: int, index_dtype: str) -> Module:
+    """@main(x, index) = x[..., index, ...] at `dim` (one ft.index op)."""
+    result_shape = (*x_shape[:dim], count, *x_shape[dim + 1:])
+    module = Module.empty()
+    x_type = TensorType(x_shape, ScalarType("f32"))
+    index_type = TensorType((count,), ScalarType(index_dtype))
+    _, block = new_function(module, "main", [x_type, index_type])
+    b = Builder(block)
+    result = b.value("ft.index", *block.args, dims=(dim,), result_type=TensorType(result_shape, ScalarType("f32")))
+    b.create("func.return", [result], result_types=[])
+    return module
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), x_shape=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
+       count=st.integers(0, 6), index_dtype=st.sampled_from(["i64", "i32"]), seed=seeds())
+def test_one_dim_index_is_an_index_select_that_wraps_negative_entries_as_aten_index_does(
+        data, x_shape, count, index_dtype, seed):
+    dim = data.draw(st.integers(0, len(x_shape) - 1))
+    size = x_shape[dim]
+    module = _index_module(x_shape, dim, count, index_dtype)
+    plan = lower_function(module, "test", {})
+    assert "buf0 = index_select(arg0, " in plan.source
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=generator)
+    index = torch.randint(-size, size, (count,), generator=generator).to(ScalarType(index_dtype).torch_dtype)
+    assert torch.equal(plan(x, index)[0], run_module(module, [x, index])[0])
+
+
+@pytest.mark.parametrize("entry", [3, -4])
+def test_one_dim_index_out_of_range_raises_like_aten_index(entry):
+    module = _index_module((3, 2), 0, 1, "i64")
+    x, index = torch.randn(3, 2), torch.tensor([entry])
+    with pytest.raises(ExecutionError) as reference_error:
+        run_module(module, [x, index])
+    assert isinstance(reference_error.value.__cause__, IndexError)
+    with pytest.raises(IndexError):
+        lower_function(module, "test", {})(x, index)
