@@ -28,11 +28,11 @@ from itertools import product
 
 import torch
 
-from flagtree.ir.attributes import DenseAttr
 from flagtree.ir.builder import Builder
-from flagtree.ir.core import Operation, OpResult, Value
+from flagtree.ir.core import OpResult, Value
 from flagtree.ir.opdef import ELEMENTWISE, has_trait
 from flagtree.ir.types import ScalarType, TensorType
+from flagtree.passes.rewrite import fill_value
 
 I64 = ScalarType("i64")
 # More conjunctions than this in a mask's normal form is no mask fuse-attention can express.
@@ -420,7 +420,7 @@ class MaskAnalysis:
         if not isinstance(value, OpResult):
             return None
         op = value.op
-        literal = _integer_splat(op)
+        literal = _integer_splat(value)
         if literal is not None:
             return Affine.const(Size.of(literal))
         if op.name == "ft.iota":
@@ -459,7 +459,7 @@ class MaskAnalysis:
         if not isinstance(value.type, TensorType) or value.type.dtype.name != "i1" or not isinstance(value, OpResult):
             return None
         op = value.op
-        literal = _boolean_splat(op)
+        literal = _boolean_splat(value)
         if literal is not None:
             return TRUE if literal else FALSE
         if op.name in ("ft.reshape", "ft.broadcast_to", "ft.transpose"):
@@ -536,28 +536,14 @@ def _compare(name: str, lhs: Affine, rhs: Affine) -> Formula | None:
     return _half_plane(lhs - rhs - one) | _half_plane(rhs - lhs - one)
 
 
-def _splat_literal(op: Operation) -> object | None:
-    if op.name == "ft.full":
-        return op.attributes["value"]
-    if op.name != "ft.constant":
-        return None
-    value = op.attributes["value"]
-    if isinstance(value, DenseAttr):
-        flat = value.value.reshape(-1)
-        if flat.numel() == 0 or not torch.equal(flat, flat[:1].expand_as(flat)):
-            return None
-        return flat[0].item()
-    return value if isinstance(value, (int, bool)) else None
+def _integer_splat(value: Value) -> int | None:
+    number = fill_value(value)
+    return number if isinstance(number, int) and not isinstance(number, bool) else None
 
 
-def _integer_splat(op: Operation) -> int | None:
-    value = _splat_literal(op)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _boolean_splat(op: Operation) -> bool | None:
-    value = _splat_literal(op)
-    return value if isinstance(value, bool) else None
+def _boolean_splat(value: Value) -> bool | None:
+    number = fill_value(value)
+    return number if isinstance(number, bool) else None
 
 
 # ------------------------------------------------------------------------ classification

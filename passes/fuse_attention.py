@@ -72,7 +72,7 @@ from flagtree.passes.affine_mask import (
 )
 from flagtree.passes.base import Pass, register_pass
 from flagtree.passes.canonicalize import holds_exactly
-from flagtree.passes.rewrite import constant, replace_op, splat
+from flagtree.passes.rewrite import constant, fill_value, replace_op
 
 _VIEWS = frozenset({"ft.reshape", "ft.transpose", "ft.broadcast_to"})
 _I1 = ScalarType("i1")
@@ -168,10 +168,7 @@ def _splat_number(value: Value) -> float | None:
     """The one number every element of `value` holds (a literal or ft.full, through views)."""
     while isinstance(value, OpResult) and value.op.name in ("ft.reshape", "ft.broadcast_to"):
         value = value.op.operands[0]
-    if _producer(value, "ft.full") is not None:
-        number = value.op.attributes["value"]
-    else:
-        number = splat(value)
+    number = fill_value(value)
     return float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
 
 

@@ -75,6 +75,13 @@ def splat(value: Value) -> Number | None:
     return first.item()
 
 
+def fill_value(value: Value) -> Number | None:
+    """The one number every element of `value` holds when an ft.full or a splat literal defines it."""
+    if isinstance(value, OpResult) and value.op.name == "ft.full":
+        return value.op.attributes["value"]
+    return splat(value)
+
+
 def is_splat_of(value: Value, number: Number) -> bool:
     """Whether every element of the literal `value` is exactly `number` (-0.0 is not 0.0)."""
     element = splat(value)
