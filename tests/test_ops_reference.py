@@ -764,30 +764,56 @@ def _return_case() -> Case:
     return Case(spec, lambda inputs, attrs, types: [_np(x) for x in inputs], dynamic=False)
 
 
+def _attention_operands(draw, dtype: str) -> tuple[list[TensorType], list[Any], dict]:
+    """Random GQA shapes, causal kinds, windows, bool or additive masks: q, k, v, [mask]."""
+    batch, kv_heads, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    sq, skv = draw(st.integers(1, 6)), draw(st.integers(1, 7))
+    dqk, dv = draw(st.sampled_from((1, 4))), draw(st.sampled_from((1, 3)))
+    heads = kv_heads * group
+    causal = draw(st.sampled_from(("none", "upper_left", "lower_right")))
+    mask_dtype = draw(st.sampled_from((None, "i1", dtype)))
+    attrs = {"scale": draw(st.sampled_from((0.5, 1.0))), "causal": causal,
+             "window": 0 if causal == "none" else draw(st.integers(0, 3)), "has_mask": mask_dtype is not None}
+    shapes = [(batch, heads, sq, dqk), (batch, kv_heads, skv, dqk), (batch, kv_heads, skv, dv)]
+    dtypes = [dtype] * 3
+    if mask_dtype:
+        shapes.append((1, draw(st.sampled_from((1, heads))), sq, skv))
+        dtypes.append(mask_dtype)
+    return [_t(s, d) for s, d in zip(shapes, dtypes)], [_tensor(draw, s, d) for s, d in zip(shapes, dtypes)], attrs
+
+
 def _attention_case() -> Case:
-    """Random GQA shapes, causal kinds, windows, bool or additive masks and sinks."""
+    """ft.attention on random problems, with sinks or not, returning its lse or not."""
     def spec(draw) -> Spec:
         dtype = draw(st.sampled_from(("f32", "f64")))
-        batch, kv_heads, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
-        sq, skv = draw(st.integers(1, 6)), draw(st.integers(1, 7))
-        dqk, dv = draw(st.sampled_from((1, 4))), draw(st.sampled_from((1, 3)))
-        heads = kv_heads * group
-        causal = draw(st.sampled_from(("none", "upper_left", "lower_right")))
-        mask_dtype = draw(st.sampled_from((None, "i1", dtype)))
-        sinks = draw(st.booleans())
-        attrs = {"scale": draw(st.sampled_from((0.5, 1.0))), "causal": causal,
-                 "window": 0 if causal == "none" else draw(st.integers(0, 3)),
-                 "has_mask": mask_dtype is not None, "has_sinks": sinks}
-        shapes = [(batch, heads, sq, dqk), (batch, kv_heads, skv, dqk), (batch, kv_heads, skv, dv)]
-        if mask_dtype:
-            shapes.append((1, draw(st.sampled_from((1, heads))), sq, skv))
-        if sinks:
-            shapes.append((heads,))
-        dtypes = [dtype, dtype, dtype, *([mask_dtype] if mask_dtype else []), *([dtype] if sinks else [])]
-        return Spec([_t(s, d) for s, d in zip(shapes, dtypes)],
-                    [_tensor(draw, s, d) for s, d in zip(shapes, dtypes)], attrs)
+        types, inputs, attrs = _attention_operands(draw, dtype)
+        attrs |= {"has_sinks": draw(st.booleans()), "with_lse": draw(st.booleans())}
+        if attrs["has_sinks"]:
+            heads = types[0].shape[1]
+            types.append(_t((heads,), dtype))
+            inputs.append(_tensor(draw, (heads,), dtype))
+        return Spec(types, inputs, attrs)
 
     return Case(spec, _attention_oracle, dynamic=False)
+
+
+def _visible_scores(q, k, mask, attrs: dict, b: int, h: int, i: int) -> list[tuple[int, float]]:
+    """(key, scaled and masked score) of each key query row (b, h, i) sees, from ft.attention's definition."""
+    sq, skv = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    offset = {"none": None, "upper_left": 0, "lower_right": skv - sq}[attrs["causal"]]
+    scores = []
+    for j in range(skv):
+        if offset is not None and (j > i + offset or (attrs["window"] and i + offset - j >= attrs["window"])):
+            continue
+        score = attrs["scale"] * float(q[b, h, i] @ k[b, h // group, j])
+        if mask is not None:
+            m = mask[0, h % mask.shape[1], i, j]
+            if mask.dtype == bool and not m:
+                continue
+            score += 0.0 if mask.dtype == bool else m
+        scores.append((j, score))
+    return scores
 
 
 def _attention_oracle(inputs: list[Any], attrs: dict, types: list[Type]) -> list[Any]:
@@ -796,30 +822,55 @@ def _attention_oracle(inputs: list[Any], attrs: dict, types: list[Type]) -> list
     mask = _np(inputs[3]) if attrs["has_mask"] else None
     sinks = _np(inputs[-1]) if attrs["has_sinks"] else None
     batch, heads, sq, _ = q.shape
-    skv = k.shape[2]
     group = heads // k.shape[1]
-    offset = {"none": None, "upper_left": 0, "lower_right": skv - sq}[attrs["causal"]]
     out = np.zeros((batch, heads, sq, v.shape[3]))
+    lse = np.full((batch, heads, sq), np.inf)
     for b, h, i in np.ndindex(batch, heads, sq):
-        logits, values = [], []
-        for j in range(skv):
-            if offset is not None and (j > i + offset or (attrs["window"] and i + offset - j >= attrs["window"])):
-                continue
-            score = attrs["scale"] * float(q[b, h, i] @ k[b, h // group, j])
-            if mask is not None:
-                m = mask[0, h % mask.shape[1], i, j]
-                if mask.dtype == bool and not m:
-                    continue
-                score += 0.0 if mask.dtype == bool else m
-            logits.append(score)
-            values.append(v[b, h // group, j])
+        visible = _visible_scores(q, k, mask, attrs, b, h, i)
+        logits = [score for _, score in visible]
+        values = [v[b, h // group, j] for j, _ in visible]
         if sinks is not None:
             logits.append(sinks[h])
             values.append(np.zeros(v.shape[3]))
         if logits:
             weights = np.exp(np.array(logits) - max(logits))
             out[b, h, i] = weights @ np.array(values) / weights.sum()
-    return [out]
+            lse[b, h, i] = max(logits) + np.log(weights.sum())
+    return [out, lse] if attrs.get("with_lse", False) else [out]
+
+
+def _attention_grad_case() -> Case:
+    """ft.attention_grad at the forward's own out and lse (from the oracle), a random grad_out."""
+    def spec(draw) -> Spec:
+        dtype = draw(st.sampled_from(("f32", "f64")))
+        types, inputs, attrs = _attention_operands(draw, dtype)
+        forward_attrs = {**attrs, "has_sinks": False, "with_lse": True}
+        out, lse = _attention_oracle(inputs, forward_attrs, [])
+        torch_dtype = torch.float32 if dtype == "f32" else torch.float64
+        out, lse = torch.from_numpy(out).to(torch_dtype), torch.from_numpy(lse).to(torch_dtype)
+        grad_out = _tensor(draw, tuple(out.shape), dtype)
+        new_types = [_t(tuple(out.shape), dtype), _t(tuple(out.shape), dtype), _t(tuple(lse.shape), dtype)]
+        return Spec([*types[:3], *new_types, *types[3:]], [*inputs[:3], out, grad_out, lse, *inputs[3:]], attrs)
+
+    return Case(spec, _attention_grad_oracle, dynamic=False)
+
+
+def _attention_grad_oracle(inputs: list[Any], attrs: dict, types: list[Type]) -> list[Any]:
+    """The gradients from their formulas, row by row in float64: p_j = exp(s_j − lse_i) on the
+    visible keys, D_i = grad_out_i · out_i, grad_s_j = p_j (grad_out_i · v_j − D_i)."""
+    q, k, v, out, grad_out, lse = map(_np, inputs[:6])
+    mask = _np(inputs[6]) if attrs["has_mask"] else None
+    group = q.shape[1] // k.shape[1]
+    grads = [np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)]
+    for b, h, i in np.ndindex(*q.shape[:3]):
+        row_dot = grad_out[b, h, i] @ out[b, h, i]
+        for j, score in _visible_scores(q, k, mask, attrs, b, h, i):
+            p = np.exp(score - lse[b, h, i])
+            grad_s = p * (grad_out[b, h, i] @ v[b, h // group, j] - row_dot)
+            grads[0][b, h, i] += attrs["scale"] * grad_s * k[b, h // group, j]
+            grads[1][b, h // group, j] += attrs["scale"] * grad_s * q[b, h, i]
+            grads[2][b, h // group, j] += p * grad_out[b, h, i]
+    return grads
 
 
 CASES: dict[str, Case] = {
@@ -920,6 +971,7 @@ CASES: dict[str, Case] = {
     "ft.matmul": _matmul_case(),
     "ft.conv": _conv_case(),
     "ft.attention": _attention_case(),
+    "ft.attention_grad": _attention_grad_case(),
     # fallback calls and structure
     "ft.torch_call": _torch_call_case(),
     "ft.fusion": _region_case(outputs=1),

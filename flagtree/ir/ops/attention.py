@@ -18,6 +18,19 @@ Semantics (every backend must match the reference below):
   denominator and carries no value (Σ_j exp(s_ij − m) + exp(sink_h − m)).
 - p = softmax_j(s) over the visible keys; result = p · v, cast to q's dtype.  A row that sees no
   key (and has no sink) is defined as 0, never NaN.
+- `with_lse` (for training) adds a second result, lse: [B, Hq, Sq] f32 (f64 for f64 inputs),
+  the natural-log log-sum-exp of each row's visible scores and sink, +inf for a row that sees
+  no key and has no sink, so that exp(s − lse) recomputes p, and is 0 on such rows.
+
+`ft.attention_grad` is the backward of `ft.attention` given the forward's result and lse:
+
+    operands: q, k, v, out, grad_out, lse, [mask]   results: grad_q, grad_k, grad_v (their types)
+
+With p = exp(s − lse) on the visible keys (0 elsewhere) and D_i = Σ_d grad_out[i, d]·out[i, d]:
+grad_v = pᵀ·grad_out, grad_s = p ∘ (grad_out·vᵀ − D), grad_q = scale·grad_s·k and
+grad_k = scale·grad_sᵀ·q, all in f32 (f64 for f64), with grad_k and grad_v summed over each KV
+head's query heads.  Same attributes as ft.attention except sinks (not supported yet) and
+with_lse; a mask gets no gradient.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import torch
 
 from flagtree.ir.core import Operation
 from flagtree.ir.opdef import FUSED, PURE, AttrSpec, OpDef, register
-from flagtree.ir.types import TensorType, Type, broadcast_shapes
+from flagtree.ir.types import ScalarType, TensorType, Type, broadcast_shapes
 
 CAUSAL_KINDS = ("none", "upper_left", "lower_right")
 _FLOAT_TYPES = frozenset({"f64", "f32", "f16", "bf16"})
@@ -39,7 +52,10 @@ ATTENTION_ATTRS = {
     "window": AttrSpec((int,), "sliding window: each query sees its `window` latest visible keys; 0 = unlimited"),
     "has_mask": AttrSpec((bool,), "operand 3 is a mask (i1: keep where true; float: added to the scores)"),
     "has_sinks": AttrSpec((bool,), "the last operand holds one sink logit per query head, [Hq]"),
+    "with_lse": AttrSpec((bool,), "a second result: each row's log-sum-exp, [B, Hq, Sq] f32 (training)",
+                         required=False),
 }
+GRAD_ATTRS = {name: spec for name, spec in ATTENTION_ATTRS.items() if name not in ("has_sinks", "with_lse")}
 
 
 def _dims_agree(a: int | None, b: int | None) -> bool:
@@ -56,7 +72,14 @@ def _check_operands(op: Operation) -> str | None:
     types = [v.type for v in op.operands]
     if not all(isinstance(t, TensorType) for t in types):
         return "every operand must be a tensor"
-    q, k, v = types[:3]
+    return _check_attention_types(types[:3], types[3] if a["has_mask"] else None,
+                                  types[-1] if a["has_sinks"] else None, a)
+
+
+def _check_attention_types(qkv: list[TensorType], mask: TensorType | None, sinks: TensorType | None,
+                           a: dict[str, Any]) -> str | None:
+    """Why q, k, v, the mask and the sinks do not form an attention, or None."""
+    q, k, v = qkv
     if any(t.rank != 4 for t in (q, k, v)):
         return f"q, k and v must have rank 4 [batch, heads, seq, dim], got {q}, {k}, {v}"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype.name not in _FLOAT_TYPES:
@@ -74,8 +97,7 @@ def _check_operands(op: Operation) -> str | None:
         return f"causal must be one of {', '.join(CAUSAL_KINDS)}, got '{a['causal']}'"
     if a["window"] < 0 or (a["window"] and a["causal"] == "none"):
         return "window must be >= 0, and a window needs causal = upper_left or lower_right"
-    if a["has_mask"]:
-        mask = types[3]
+    if mask is not None:
         scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
             ok = mask.rank == 4 and broadcast_shapes(mask.shape, scores) is not None
@@ -83,11 +105,14 @@ def _check_operands(op: Operation) -> str | None:
             ok = False
         if not ok or not (mask.dtype.name == "i1" or mask.dtype.name in _FLOAT_TYPES):
             return f"mask {mask} must be i1 or float, rank 4, broadcastable to [B, Hq, Sq, Skv]"
-    if a["has_sinks"]:
-        sinks = types[-1]
-        if sinks.rank != 1 or not _dims_agree(sinks.shape[0], hq) or sinks.dtype.name not in _FLOAT_TYPES:
-            return f"sinks {sinks} must be a float vector with one logit per query head"
+    if sinks is not None and (sinks.rank != 1 or not _dims_agree(sinks.shape[0], hq)
+                              or sinks.dtype.name not in _FLOAT_TYPES):
+        return f"sinks {sinks} must be a float vector with one logit per query head"
     return None
+
+
+def _lse_type(q: TensorType) -> TensorType:
+    return TensorType(q.shape[:3], ScalarType("f64" if q.dtype.name == "f64" else "f32"))
 
 
 def _infer_attention(op: Operation) -> list[Type] | str:
@@ -95,7 +120,30 @@ def _infer_attention(op: Operation) -> list[Type] | str:
     if problem:
         return problem
     q, _, v = (o.type for o in op.operands[:3])
-    return [TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype)]
+    out = TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype)
+    return [out, _lse_type(q)] if op.attributes.get("with_lse", False) else [out]
+
+
+def _infer_attention_grad(op: Operation) -> list[Type] | str:
+    a = op.attributes
+    expected = 6 + a["has_mask"]
+    if len(op.operands) != expected:
+        return f"expected {expected} operands (q, k, v, out, grad_out, lse{', mask' * a['has_mask']}), " \
+               f"got {len(op.operands)}"
+    types = [v.type for v in op.operands]
+    if not all(isinstance(t, TensorType) for t in types):
+        return "every operand must be a tensor"
+    q, k, v, out, grad_out, lse = types[:6]
+    problem = _check_attention_types([q, k, v], types[6] if a["has_mask"] else None, None, a)
+    if problem:
+        return problem
+    expected_out = TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype)
+    for name, t in (("out", out), ("grad_out", grad_out)):
+        if t.dtype != q.dtype or t.rank != 4 or not all(map(_dims_agree, t.shape, expected_out.shape)):
+            return f"{name} {t} must be the attention's result type {expected_out}"
+    if lse.dtype != _lse_type(q).dtype or lse.rank != 3 or not all(map(_dims_agree, lse.shape, q.shape[:3])):
+        return f"lse {lse} must be the forward's log-sum-exp, {_lse_type(q)}"
+    return [q, k, v]
 
 
 def visible_keys(sq: int, skv: int, causal: str, window: int, device: torch.device | None = None) -> torch.Tensor:
@@ -108,8 +156,9 @@ def visible_keys(sq: int, skv: int, causal: str, window: int, device: torch.devi
     return visible & (distance < window) if window else visible
 
 
-def attention_reference(args: list[Any], attrs: dict[str, Any], result_types: list[Type]) -> torch.Tensor:
-    """Eager ft.attention, computed in f32 (f64 for f64 inputs)."""
+def _masked_scores(args: list[torch.Tensor], attrs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scaled scores [B, Hq, Sq, Skv] in the compute type with hidden keys at -inf, and k and
+    v repeated to Hq heads in that type."""
     q, k, v = args[:3]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
@@ -123,9 +172,16 @@ def attention_reference(args: list[Any], attrs: dict[str, Any], result_types: li
             visible = visible & mask
         else:
             scores = scores + mask.to(compute)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.masked_fill(~visible, float("-inf")), k, v
+
+
+def attention_reference(args: list[Any], attrs: dict[str, Any],
+                        result_types: list[Type]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Eager ft.attention, computed in f32 (f64 for f64 inputs)."""
+    q = args[0]
+    scores, _, v = _masked_scores(args, attrs)
     if attrs["has_sinks"]:
-        sinks = args[-1].to(compute).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        sinks = args[-1].to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
         scores = torch.cat([scores, sinks], dim=-1)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -134,11 +190,43 @@ def attention_reference(args: list[Any], attrs: dict[str, Any], result_types: li
     probabilities = weights / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     if attrs["has_sinks"]:
         probabilities = probabilities[..., :-1]
-    return torch.matmul(probabilities, v).to(q.dtype)
+    out = torch.matmul(probabilities, v).to(q.dtype)
+    if not attrs.get("with_lse", False):
+        return out
+    lse = torch.where(denominator > 0, row_max + torch.log(denominator), float("inf"))
+    return out, lse.squeeze(-1)
+
+
+def attention_grad_reference(args: list[Any], attrs: dict[str, Any],
+                             result_types: list[Type]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager ft.attention_grad: the gradients of q, k and v recomputed from the forward's lse."""
+    q, k, v, out, grad_out, lse = args[:6]
+    forward_args = [q, k, v, *args[6:]]
+    scores, k_heads, v_heads = _masked_scores(forward_args, attrs)
+    compute = scores.dtype
+    probabilities = torch.exp(scores - lse.to(compute)[..., None])
+    grad_out = grad_out.to(compute)
+    grad_v = torch.matmul(probabilities.transpose(-1, -2), grad_out)
+    row_dot = (grad_out * out.to(compute)).sum(dim=-1, keepdim=True)
+    grad_scores = probabilities * (torch.matmul(grad_out, v_heads.transpose(-1, -2)) - row_dot)
+    grad_q = torch.matmul(grad_scores, k_heads) * attrs["scale"]
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.to(compute)) * attrs["scale"]
+    return grad_q.to(q.dtype), _sum_groups(grad_k, k.shape[1]).to(k.dtype), _sum_groups(grad_v, v.shape[1]).to(v.dtype)
+
+
+def _sum_groups(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, Hq, S, D] per-query-head gradients summed over each KV head's group: [B, Hkv, S, D]."""
+    batch, q_heads, length, dim = grad.shape
+    return grad.view(batch, kv_heads, q_heads // kv_heads, length, dim).sum(dim=2)
 
 
 register(OpDef(
     "ft.attention", "softmax(scale·q·kᵀ, causal/window/mask, sinks)·v with GQA; see ops/attention.py",
-    (3, 5), attrs=ATTENTION_ATTRS, traits=frozenset({PURE, FUSED}), infer=_infer_attention,
+    (3, 5), results=(1, 2), attrs=ATTENTION_ATTRS, traits=frozenset({PURE, FUSED}), infer=_infer_attention,
     reference=attention_reference, operand_doc="q, k, v, optional mask, optional sinks",
+))
+register(OpDef(
+    "ft.attention_grad", "the gradients of ft.attention's q, k, v from its result and lse; see ops/attention.py",
+    (6, 7), results=(3, 3), attrs=GRAD_ATTRS, traits=frozenset({PURE, FUSED}), infer=_infer_attention_grad,
+    reference=attention_grad_reference, operand_doc="q, k, v, out, grad_out, lse, optional mask",
 ))
