@@ -10,8 +10,8 @@ Each top-level op of the function becomes plan lines:
 - `ft.index` with one 1-D integer index: `index_select(x, dim, index)` (whole-slice copies);
 - `ft.dim`: `s0 = arg0.shape[1]`; `ft.full`: `torch.full(...)`;
 - every other op: a call to its reference implementation, bound as a readable global
-  (`buf5 = ft_softmax(buf4, dim=-1)`), so any module runs; `ft.torch_call` ops are
-  counted as fallbacks.
+  (`buf5 = ft_softmax(buf4, dim=-1)`), so any module runs; `ft.torch_call` ops, and fused
+  ops (`ft.attention_grad`, ...) the backend has no kernel for, are counted as fallbacks.
 
 Buffers are deleted (`del buf3`) right after their last use, as in Inductor's output code.
 """
@@ -29,7 +29,7 @@ from flagtree.backends.reference.executor import run_block
 from flagtree.errors import FlagtreeError
 from flagtree.ir.attributes import DenseAttr, ResourceAttr
 from flagtree.ir.core import Module, Operation, Value
-from flagtree.ir.opdef import lookup
+from flagtree.ir.opdef import FUSED, has_trait, lookup
 from flagtree.ir.types import TensorType, Type
 from flagtree.runtime.plan import DeviceConstant, LaunchPlan, PlanWriter
 
@@ -117,11 +117,18 @@ class _Lowering:
         raise FlagtreeError(f"@{self.writer.function} has no func.return")
 
     def _write_device(self) -> None:
+        """`device`: where the graph runs, that of its first tensor argument of rank > 0.  0-d
+        tensors may live on the CPU beside device tensors (torch mixes them; Dynamo passes
+        unspecialised Python floats that way), so they are moved to `device` first."""
         tensor_args = [i for i, a in enumerate(self.block.args) if isinstance(a.type, TensorType)]
-        if tensor_args:
-            self.writer.line(f"device = {self.writer.arg(tensor_args[0])}.device")
+        scalars = [i for i in tensor_args if self.block.args[i].type.rank == 0]
+        placed = [i for i in tensor_args if i not in scalars] or tensor_args
+        if placed:
+            self.writer.line(f"device = {self.writer.arg(placed[0])}.device")
         else:
             self.writer.line(f"device = torch.device({self.default_device!r})")
+        for i in scalars:
+            self.writer.line(f"{self.writer.arg(i)} = {self.writer.arg(i)}.to(device)")
         self.writer.bind("torch", torch)
 
     def _last_uses(self) -> dict[int, float]:
@@ -204,6 +211,8 @@ class _Lowering:
     def _reference_call(self, op: Operation, operands: list[str]) -> list[str]:
         if op.name == "ft.torch_call":
             self.writer.fallback_ops[op.attributes["target"]] += 1
+        elif has_trait(op, FUSED) and op.name not in self.lowerings:
+            self.writer.fallback_ops[f"{op.name} (the {self.writer.backend} backend has no kernel for it)"] += 1
         shown = {k: v for k, v in op.attributes.items() if _is_literal(v)}
         held = {k: v for k, v in op.attributes.items() if k not in shown}
         callee = self.writer.bind(op.name.replace(".", "_"), ReferenceOp(op, held))
@@ -211,18 +220,20 @@ class _Lowering:
         call = f"{callee}({', '.join(arguments)})"
         creates_tensors = any(isinstance(r.type, TensorType) for r in op.results)
         if creates_tensors and not any(isinstance(v.type, TensorType) for v in op.operands):
-            call += ".to(device)"  # generators (ft.iota, ...) build on the CPU
+            # generators (ft.iota, ...) build on the default device: make that the graph's (a
+            # copy from the CPU would also break CUDA graph capture)
+            return self._assign(op, call, unpack_list=False, prefix="with torch.device(device): ")
         return self._assign(op, call, unpack_list=False)
 
-    def _assign(self, op: Operation, call: str, unpack_list: bool) -> list[str]:
+    def _assign(self, op: Operation, call: str, unpack_list: bool, prefix: str = "") -> list[str]:
         names = [self.writer.new_buffer() if isinstance(r.type, TensorType) else self.writer.new_buffer("s")
                  for r in op.results]
         if not names:
-            self.writer.line(call)
+            self.writer.line(prefix + call)
         elif len(names) == 1 and not unpack_list:
-            self.writer.line(f"{names[0]} = {call}")
+            self.writer.line(f"{prefix}{names[0]} = {call}")
         else:
-            self.writer.line(f"{', '.join(names)}{',' if len(names) == 1 else ''} = {call}")
+            self.writer.line(f"{prefix}{', '.join(names)}{',' if len(names) == 1 else ''} = {call}")
         return names
 
 

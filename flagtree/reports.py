@@ -29,10 +29,15 @@ class Report:
     fusions: fused op (short name, e.g. "attention") → count after the pipeline.
     fallbacks: aten op (`aten.convolution_backward.default`) → count of `ft.torch_call`s.
     fallback_reasons: aten op → why the importer did not map it.
+    kernel_fallbacks: "FTIR op (why)" → count of the ops the backend runs in eager torch
+      instead of its own kernels (a region its code generator cannot compile, a fused op it has
+      no kernel for).
     op_counts: FTIR op → count after the pipeline.
     pass_times: pass name → wall seconds.
     compile_seconds: import + pipeline + verification + backend compile.
     dump_dir: this graph's dump folder, or None when dumping is off.
+    notes: how the graph runs beyond its kernels: "cuda_graphs" when mode="reduce-overhead"
+      records it into CUDA graphs, "cuda_graphs not applied: WHY" when they do not apply.
     """
 
     graph: str
@@ -41,19 +46,23 @@ class Report:
     fusions: dict[str, int] = field(default_factory=dict)
     fallbacks: dict[str, int] = field(default_factory=dict)
     fallback_reasons: dict[str, str] = field(default_factory=dict)
+    kernel_fallbacks: dict[str, int] = field(default_factory=dict)
     op_counts: dict[str, int] = field(default_factory=dict)
     pass_times: dict[str, float] = field(default_factory=dict)
     compile_seconds: float = 0.0
     dump_dir: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line: graph, backend, size, fusions, fallbacks and times."""
+        """One line: graph, backend, size, fusions, fallbacks, times and notes."""
         ops = sum(self.op_counts.values())
         passes = sum(self.pass_times.values())
         return (
             f"flagtree {self.graph}: backend={self.backend}, {ops} ops, fusions: {_counts(self.fusions)}, "
-            f"fallbacks: {_counts(self.fallbacks)}, passes {passes * 1e3:.1f} ms, "
+            f"fallbacks: {_counts(self.fallbacks)}, kernel fallbacks: {_counts(self.kernel_fallbacks)}, "
+            f"passes {passes * 1e3:.1f} ms, "
             f"compile {self.compile_seconds * 1e3:.1f} ms" + (f", dumped to {self.dump_dir}" if self.dump_dir else "")
+            + (f", notes: {'; '.join(self.notes)}" if self.notes else "")
         )
 
     def to_json(self) -> str:

@@ -43,7 +43,7 @@ from flagtree.backends.cpu import scalar_ops
 from flagtree.backends.cpu.emitter import EmittedKernel
 from flagtree.backends.cpu.host import host_cpu
 from flagtree.backends.cpu.kernel import WorkItems
-from flagtree.backends.cpu.mlir_text import FunctionWriter, compute_type, memref_type, storage_type
+from flagtree.backends.cpu.mlir_text import FunctionWriter, UnsupportedError, compute_type, memref_type, storage_type
 from flagtree.ir.core import Operation
 from flagtree.ir.types import ScalarType, TensorType
 
@@ -78,6 +78,8 @@ class AttentionTiles:
 def emit_attention(op: Operation, name: str) -> EmittedKernel:
     """The MLIR function computing one ft.attention op.  It takes q, k, v, [mask], [sinks]
     (memrefs), the output memref, then the range `%lo, %hi` of work items (see work_items)."""
+    if op.attributes.get("with_lse", False):
+        raise UnsupportedError("the cpu attention kernel does not return the log-sum-exp training saves")
     return _AttentionEmitter(op, name).emit()
 
 

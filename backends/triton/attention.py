@@ -125,7 +125,7 @@ class AttentionClass:
         holds every key a tile can see, or, for decode-sized queries, ONE_BLOCK_MAX_KEYS keys per
         program of a split-KV launch; None where it does not apply."""
         span = min(self.key_bucket, self.window_size + positions - 1) if self.window_size else self.key_bucket
-        keys = _power_of_two_at_least(span)
+        keys = power_of_two_at_least(span)
         if keys <= ONE_BLOCK_MAX_KEYS:
             return keys
         return ONE_BLOCK_MAX_KEYS if self.query_bucket <= DECODE_QUERY_ROWS else None
@@ -150,18 +150,18 @@ def attention_class(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: s
     """The shape class of one call."""
     group = q.shape[1] // max(k.shape[1], 1)
     return AttentionClass(
-        dtype=_dtype_name(q.dtype), head_dqk=q.shape[3], head_dv=v.shape[3], causal=causal != "none",
+        dtype=dtype_name(q.dtype), head_dqk=q.shape[3], head_dv=v.shape[3], causal=causal != "none",
         window=window > 0, has_mask=has_mask, group=group, kv_shared=_kv_shared(k, v),
-        query_bucket=min(_power_of_two_at_least(q.shape[2] * group), MAX_QUERY_BUCKET),
-        key_bucket=min(_power_of_two_at_least(k.shape[2]), 2 * ONE_BLOCK_MAX_KEYS), window_size=window,
+        query_bucket=min(power_of_two_at_least(q.shape[2] * group), MAX_QUERY_BUCKET),
+        key_bucket=min(power_of_two_at_least(k.shape[2]), 2 * ONE_BLOCK_MAX_KEYS), window_size=window,
     )
 
 
-def _power_of_two_at_least(n: int) -> int:
+def power_of_two_at_least(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in SUPPORTED_DTYPES.items() if d == dtype)
 
 
@@ -221,7 +221,7 @@ def candidate_configs(shape: AttentionClass, caps: Capabilities) -> list[Attenti
         pack = min(shape.max_pack, block_m)
         keys = shape.one_block_keys(block_m // pack)
         if keys is not None:
-            chunk = min(ONE_BLOCK_CHUNK, _power_of_two_at_least(max(shape.head_dqk, shape.head_dv, MIN_DOT)))
+            chunk = min(ONE_BLOCK_CHUNK, power_of_two_at_least(max(shape.head_dqk, shape.head_dv, MIN_DOT)))
             one_block.append(AttentionConfig(block_m, max(keys, MIN_DOT), pack, warps, stages, chunk))
     one_block = _fitting(one_block, shape, caps)
     if max(shape.head_dqk, shape.head_dv) >= LARGE_HEAD_DIM:
@@ -257,15 +257,17 @@ def min_split_blocks(config: AttentionConfig, shape: AttentionClass) -> int:
 
 # ------------------------------------------------------------------------------------ the kernel
 @dataclass(frozen=True)
-class _Kernels:
+class AttentionKernels:
     forward: Any
     one_block: Any
     combine: Any
+    backward_q: Any
+    backward_kv: Any
     interpreted: bool
 
 
 @functools.cache
-def _kernels(backend: str, jit: Jit) -> _Kernels:
+def kernels_for(backend: str, jit: Jit) -> AttentionKernels:
     """attention_kernel.py loaded as a module of its own for `backend` (the interpreter rebinds
     the module's `tl`), its kernels wrapped by the backend's `jit` and its helpers made callable
     from them: Triton device functions for compiled kernels, rewritten like the kernels for the
@@ -277,8 +279,8 @@ def _kernels(backend: str, jit: Jit) -> _Kernels:
     spec = importlib.util.spec_from_file_location(name, KERNEL_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    kernels = _Kernels(jit(module.attention_forward, []), jit(module.attention_forward_one_block, []),
-                       jit(module.attention_combine, []), False)
+    kernels = AttentionKernels(*(jit(getattr(module, f"attention_{name}"), []) for name in (
+        "forward", "forward_one_block", "combine", "backward_q", "backward_kv")), False)
     interpreted = isinstance(kernels.forward, InterpretedFunction)
     for helper_name, helper in list(vars(module).items()):
         if helper_name.startswith("_") and inspect.isfunction(helper) and helper.__module__ == name:
@@ -299,7 +301,7 @@ class FlashAttention:
         self.backend = backend
         self.jit = jit
         self.caps = caps
-        self.tuner = ConfigTuner(backend, caps, measure or _benchmark_ms)
+        self.tuner = ConfigTuner(backend, caps, measure or benchmark_ms)
         self._chosen: dict[AttentionClass, AttentionConfig] = {}
         self._launches: dict[tuple, _Launch] = {}
 
@@ -307,16 +309,18 @@ class FlashAttention:
         return f"FlashAttention({self.backend}, {self.caps.target})"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                 sinks: torch.Tensor | None = None, *, scale: float, causal: str, window: int) -> torch.Tensor:
+                 sinks: torch.Tensor | None = None, *, scale: float, causal: str, window: int,
+                 with_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The attention, and with `with_lse` also each row's log-sum-exp (see ft.attention)."""
         signature = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
                      k.data_ptr() == v.data_ptr(), _aligned(k) and _aligned(v),
                      None if mask is None else (mask.shape, mask.stride(), mask.dtype), sinks is None, scale, causal,
-                     window)
+                     window, with_lse)
         launch = self._launches.get(signature)
         if launch is None:
             shape = attention_class(q, k, v, causal, window, mask is not None)
             config = self._config(shape, q, k, v, mask, sinks, scale, causal, window)
-            launch = self._plan(shape, q, k, v, mask, sinks, scale, causal, window, config, None)
+            launch = self._plan(shape, q, k, v, mask, sinks, scale, causal, window, config, None, with_lse)
             self._launches[signature] = launch
         return launch(q, k, v, mask, sinks)
 
@@ -341,22 +345,23 @@ class FlashAttention:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             sinks: torch.Tensor | None, *, scale: float, causal: str, window: int, config: AttentionConfig,
-            splits: int | None = None) -> torch.Tensor:
+            splits: int | None = None, with_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Launch with `config`; the online kernel splits the keys `splits` ways (None: as many as
         fill the target)."""
         shape = attention_class(q, k, v, causal, window, mask is not None)
-        return self._plan(shape, q, k, v, mask, sinks, scale, causal, window, config, splits)(q, k, v, mask, sinks)
+        launch = self._plan(shape, q, k, v, mask, sinks, scale, causal, window, config, splits, with_lse)
+        return launch(q, k, v, mask, sinks)
 
     def _plan(self, shape: AttentionClass, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, sinks: torch.Tensor | None, scale: float, causal: str, window: int,
-              config: AttentionConfig, splits: int | None) -> _Launch:
+              config: AttentionConfig, splits: int | None, with_lse: bool = False) -> _Launch:
         batch, q_heads, sq, head_dqk = q.shape
         kv_heads, skv, head_dv = k.shape[1], k.shape[2], v.shape[3]
         group = q_heads // kv_heads
         if q_heads % kv_heads or group % config.pack:
             raise ValueError(f"{config}: {q_heads} query heads over {kv_heads} KV heads do not form packs of "
                              f"{config.pack}")
-        kernels = _kernels(self.backend, self.jit)
+        kernels = kernels_for(self.backend, self.jit)
         out_shape = (batch, q_heads, sq, head_dv)
         out_strides = torch.empty(out_shape, device="meta").stride()
         head_packs = batch * q_heads // config.pack
@@ -366,14 +371,15 @@ class FlashAttention:
             Sq=sq, Skv=skv, kv_heads=kv_heads, group=group, q_heads=q_heads, head_packs=head_packs,
             chunk_packs=min(max(L2_BUDGET_BYTES * (group // config.pack) // max(kv_bytes, 1), 1), max(head_packs, 1)),
             scratch_rows=batch * q_heads * sq,
-            **_strides("q", q.stride()), **_strides("k", k.stride()), **_strides("v", v.stride()),
-            **_strides("m", expanded_mask.stride() if mask is not None else (0, 0, 0, 0)),
-            **_strides("o", out_strides),
+            **strides_of("q", q.stride()), **strides_of("k", k.stride()), **strides_of("v", v.stride()),
+            **strides_of("m", expanded_mask.stride() if mask is not None else (0, 0, 0, 0)),
+            **strides_of("o", out_strides),
             qk_scale=scale * math.log2(math.e), causal_offset=skv - sq if causal == "lower_right" else 0,
             window=window, HEAD_DQK=head_dqk, HEAD_DV=head_dv, BLOCK_M=config.block_m, PACK=config.pack,
             DV=shape.v_block, CAUSAL=causal != "none", WINDOW=window > 0, HAS_MASK=mask is not None,
             MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool, HAS_SINKS=sinks is not None,
-            DOT_DTYPE=_dot_dtype(kernels, q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+            STORE_LSE=with_lse, DOT_DTYPE=dot_dtype(kernels, q.dtype), num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
         positions = config.block_m // config.pack
         programs = -(-sq // positions) * head_packs
@@ -399,12 +405,12 @@ class FlashAttention:
         constants["SPLIT"] = splits > 1
         columns = min(COMBINE_COLUMNS, shape.v_block)
         combine = dict(splits=splits, scratch_rows=constants["scratch_rows"], Sq=sq, q_heads=q_heads,
-                       **_strides("o", out_strides),
+                       **strides_of("o", out_strides),
                        HEAD_DV=head_dv, DV=shape.v_block, BLOCK_S=COMBINE_SPLITS, BLOCK_D=columns,
-                       HAS_SINKS=sinks is not None, num_warps=4)
+                       HAS_SINKS=sinks is not None, STORE_LSE=with_lse, num_warps=4)
         return _Launch(kernel, (programs, splits), constants, out_shape, splits, shape.v_block, descriptors,
                        not config.dim_chunk, kernels.combine, (constants["scratch_rows"], shape.v_block // columns),
-                       combine)
+                       combine, with_lse)
 
 
 @dataclass
@@ -422,12 +428,14 @@ class _Launch:
     combine: Any
     combine_grid: tuple[int, int]
     combine_constants: dict[str, Any]
+    with_lse: bool  # also return each row's log-sum-exp, [B, Hq, Sq] f32
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                 sinks: torch.Tensor | None) -> torch.Tensor:
+                 sinks: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(self.out_shape[:3], dtype=torch.float32, device=q.device) if self.with_lse else None
         if out.numel() == 0:
-            return out
+            return (out, lse.fill_(math.inf)) if self.with_lse else out
         if sinks is not None:
             sinks = sinks.contiguous()
         partial_acc = partial_stats = None
@@ -439,12 +447,12 @@ class _Launch:
         if self.online:
             k1, k2, vd = _descriptors(k, v, *self.descriptors) if self.descriptors else (None, None, None)
             extra = {"k1_desc": k1, "k2_desc": k2, "v_desc": vd}
-        self.kernel[self.grid](q=q, k=k, v=v, mask=mask, sinks=sinks, out=out, partial_acc=partial_acc,
+        self.kernel[self.grid](q=q, k=k, v=v, mask=mask, sinks=sinks, out=out, lse=lse, partial_acc=partial_acc,
                                partial_stats=partial_stats, **extra, **self.constants)
         if self.splits > 1:
             self.combine[self.combine_grid](partial_acc=partial_acc, partial_stats=partial_stats, sinks=sinks,
-                                            out=out, **self.combine_constants)
-        return out
+                                            out=out, lse=lse, **self.combine_constants)
+        return (out, lse) if self.with_lse else out
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -466,15 +474,16 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, widths: tuple[i
             TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, dv]))
 
 
-def _strides(prefix: str, strides: tuple[int, ...]) -> dict[str, int]:
+def strides_of(prefix: str, strides: tuple[int, ...]) -> dict[str, int]:
     """`stride_<prefix>b/h/s/d` of a [batch, heads, seq, dim] tensor's strides."""
     return {f"stride_{prefix}{axis}": stride for axis, stride in zip(_STRIDE_AXES[prefix], strides)}
 
 
-_STRIDE_AXES = {"q": "bhsd", "k": "bhnd", "v": "bhnd", "m": "bhsn", "o": "bhsd"}
+_STRIDE_AXES = {"q": "bhsd", "k": "bhnd", "v": "bhnd", "m": "bhsn", "o": "bhsd", "g": "bhsd", "dq": "bhsd",
+                "dk": "bhnd", "dv": "bhnd"}
 
 
-def _dot_dtype(kernels: _Kernels, dtype: torch.dtype) -> Any:
+def dot_dtype(kernels: AttentionKernels, dtype: torch.dtype) -> Any:
     """The type tl.dot's operands are given in: the inputs', except bf16 under Triton's
     interpreter, whose tl.dot would multiply bf16 bit patterns as integers (widened to f32)."""
     import triton.language as tl
@@ -484,36 +493,40 @@ def _dot_dtype(kernels: _Kernels, dtype: torch.dtype) -> Any:
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _benchmark_ms(function: Callable[[], Any]) -> float:
+def benchmark_ms(function: Callable[[], Any]) -> float:
     import triton.testing
 
     return triton.testing.do_bench(function, warmup=10, rep=40)
 
 
 class ConfigTuner:
-    """The fastest configuration per shape class: timed once, then remembered in memory and on disk."""
+    """The fastest configuration per shape class: timed once, then remembered in memory and on disk.
 
-    def __init__(self, backend: str, caps: Capabilities, measure: Callable[[Callable[[], Any]], float]):
+    Shape classes and configurations are frozen dataclasses (the forward's AttentionClass and
+    AttentionConfig, the backward's in attention_backward.py); `config_type` rebuilds a stored one.
+    """
+
+    def __init__(self, backend: str, caps: Capabilities, measure: Callable[[Callable[[], Any]], float],
+                 config_type: type = AttentionConfig):
         self.backend = backend
         self.caps = caps
         self.measure = measure
+        self.config_type = config_type
         self.cache = DiskCache(TUNING_NAMESPACE)
 
-    def best(self, shape: AttentionClass, candidates: list[AttentionConfig],
-             prepare: Callable[[AttentionConfig], Callable[[], Any]]) -> AttentionConfig:
+    def best(self, shape: Any, candidates: list[Any], prepare: Callable[[Any], Callable[[], Any]]) -> Any:
         """The winner for `shape` stored on disk, else the fastest of the first candidates and
         stored; `prepare(config)` gives the call to time (built outside the timing)."""
-        key = cache_key(json.dumps(dataclasses.asdict(shape), sort_keys=True), self.backend, self.caps, {},
-                        versions())
+        unit = type(shape).__name__ + json.dumps(dataclasses.asdict(shape), sort_keys=True)
+        key = cache_key(unit, self.backend, self.caps, {}, versions())
         stored = self.cache.load(key, ".json")
         if stored is not None:
-            return AttentionConfig(**json.loads(stored))
+            return self.config_type(**json.loads(stored))
         config = self._time(shape, candidates, prepare)
         self.cache.store(key, json.dumps(dataclasses.asdict(config)), ".json")
         return config
 
-    def _time(self, shape: AttentionClass, candidates: list[AttentionConfig],
-              prepare: Callable[[AttentionConfig], Callable[[], Any]]) -> AttentionConfig:
+    def _time(self, shape: Any, candidates: list[Any], prepare: Callable[[Any], Callable[[], Any]]) -> Any:
         times: dict[AttentionConfig, float] = {}
         for config in candidates[:TUNED_CANDIDATES]:
             try:
@@ -574,10 +587,12 @@ def attention_lowering(backend: str, jit: Jit, caps: Capabilities) -> Callable[[
             optional.append(f"mask={operands[3]}")
         if attributes["has_sinks"]:
             optional.append(f"sinks={operands[-1]}")
-        result = writer.new_buffer()
+        results = [writer.new_buffer() for _ in op.results]
         arguments = [*operands[:3], *optional, f"scale={attributes['scale']!r}", f"causal={attributes['causal']!r}",
                      f"window={attributes['window']}"]
-        writer.line(f"{result} = {callee}({', '.join(arguments)})")
-        return [result]
+        if attributes.get("with_lse", False):
+            arguments.append("with_lse=True")
+        writer.line(f"{', '.join(results)} = {callee}({', '.join(arguments)})")
+        return results
 
     return lower

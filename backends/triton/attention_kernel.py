@@ -87,13 +87,37 @@ def _key_range(first_position, last_position, Skv, causal_offset, window, CAUSAL
 
 
 def _visible(key, position, row_valid, Skv, causal_offset, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """[rows, keys]: which keys each row sees under the causal offset and the window."""
-    visible = (key < Skv)[None, :] & row_valid[:, None]
+    """Which keys each row sees under the causal offset and the window; `key` and `position`
+    (with `row_valid`) come shaped to broadcast against each other: [1, keys] and [rows, 1]
+    give a [rows, keys] answer, [keys, 1] and [1, rows] its transpose."""
+    visible = (key < Skv) & row_valid
     if CAUSAL:
-        visible = visible & (key[None, :] <= position[:, None] + causal_offset)
+        visible = visible & (key <= position + causal_offset)
     if WINDOW:
-        visible = visible & (position[:, None] + causal_offset - key[None, :] < window)
+        visible = visible & (position + causal_offset - key < window)
     return visible
+
+
+def _clean_keys(lo, first_position, last_position, Skv, causal_offset, window, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[clean_lo, clean_hi): the key blocks (on the grid lo + j·BLOCK_N) that every position in
+    [first_position, last_position] sees whole."""
+    clean_lo = lo
+    if WINDOW:
+        partly_hidden = last_position + causal_offset - window  # the last key the last row cannot see
+        clean_lo = tl.where(partly_hidden >= lo, lo + ((partly_hidden - lo) // BLOCK_N + 1) * BLOCK_N, lo)
+    clean_limit = lo * 0 + Skv
+    if CAUSAL:
+        clean_limit = tl.minimum(clean_limit, first_position + causal_offset + 1)
+    return clean_lo, lo + (tl.maximum(clean_limit - lo, 0) // BLOCK_N) * BLOCK_N
+
+
+def _store_lse(lse, row, m, denominator, row_valid):
+    """Store each row's natural-log log-sum-exp from its base-2 max and denominator (+inf for a
+    row whose denominator is 0: it saw no key, and exp(s - lse) is then 0)."""
+    value = tl.where(denominator > 0.0, (_usable_max(m) + tl.math.log2(tl.where(denominator > 0.0, denominator, 1.0)))
+                     / LOG2E, float("inf"))
+    tl.store(lse + row, value, mask=row_valid)
 
 
 def _mask_scores(scores, visible, mask, mask_offsets, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
@@ -168,7 +192,7 @@ def _online_softmax(scores, m_i, l_i, acc, qk_scale, SCALED: tl.constexpr):
 
 
 def attention_forward(
-    q, k, v, mask, sinks, out, partial_acc, partial_stats, k1_desc, k2_desc, v_desc,
+    q, k, v, mask, sinks, out, lse, partial_acc, partial_stats, k1_desc, k2_desc, v_desc,
     Sq, Skv, kv_heads, group, q_heads, head_packs, chunk_packs, scratch_rows,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -180,7 +204,7 @@ def attention_forward(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_SINKS: tl.constexpr, KV_SHARED: tl.constexpr, SPLIT: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    STORE_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """DQK2: the width of the second qk column block, 16 and unused when the qk dim is one block.
     USE_TMA: K and V blocks come through the tensor descriptors k1_desc, k2_desc, v_desc
@@ -194,15 +218,8 @@ def attention_forward(
     last_position = tl.minimum(first_position + POSITIONS, Sq) - 1
     lo, hi = _key_range(first_position, last_position, Skv, causal_offset, window, CAUSAL, WINDOW)
 
-    # The blocks [clean_lo, clean_hi) (on the grid lo + j·BLOCK_N) that every row sees whole.
-    clean_lo = lo
-    if WINDOW:
-        partly_hidden = last_position + causal_offset - window  # the last key the last row cannot see
-        clean_lo = tl.where(partly_hidden >= lo, lo + ((partly_hidden - lo) // BLOCK_N + 1) * BLOCK_N, lo)
-    clean_limit = lo * 0 + Skv
-    if CAUSAL:
-        clean_limit = tl.minimum(clean_limit, first_position + causal_offset + 1)
-    clean_hi = lo + (tl.maximum(clean_limit - lo, 0) // BLOCK_N) * BLOCK_N
+    clean_lo, clean_hi = _clean_keys(lo, first_position, last_position, Skv, causal_offset, window, BLOCK_N, CAUSAL,
+                                     WINDOW)
     if SPLIT:
         lo = lo + tl.program_id(1) * split_blocks * BLOCK_N
         hi = tl.maximum(tl.minimum(hi, lo + split_blocks * BLOCK_N), lo)
@@ -255,7 +272,8 @@ def attention_forward(
                                            step * stride_kn, in_range, cols1, cols2, HEAD_DQK, BLOCK_N, DQK1, DQK2,
                                            SPLIT_QK, masked, USE_TMA, DOT_DTYPE)
                 if masked or HAS_MASK:
-                    visible = _visible(key, position, row_valid, Skv, causal_offset, window, CAUSAL, WINDOW)
+                    visible = _visible(key[None, :], position[:, None], row_valid[:, None], Skv, causal_offset, window,
+                                       CAUSAL, WINDOW)
                     scores = _mask_scores(scores * qk_scale, visible, mask, mask_offsets + step * stride_mn, HAS_MASK,
                                           MASK_IS_BOOL)
                 p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, qk_scale, masked or HAS_MASK)
@@ -274,6 +292,8 @@ def attention_forward(
         tl.store(partial_stats + scratch_row * 2, m_i, mask=row_valid)
         tl.store(partial_stats + scratch_row * 2 + 1, l_i, mask=row_valid)
     else:
+        if STORE_LSE:
+            _store_lse(lse, (batch * q_heads + head) * Sq + position, m_i, l_i, row_valid)
         result = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_rows = out + batch * stride_ob + head * stride_oh + position.to(tl.int64) * stride_os
         tl.store(o_rows[:, None] + cols_v[None, :] * stride_od, result.to(out.dtype.element_ty),
@@ -281,7 +301,7 @@ def attention_forward(
 
 
 def attention_forward_one_block(
-    q, k, v, mask, sinks, out, partial_acc, partial_stats,
+    q, k, v, mask, sinks, out, lse, partial_acc, partial_stats,
     Sq, Skv, kv_heads, group, q_heads, head_packs, chunk_packs, scratch_rows,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -292,7 +312,8 @@ def attention_forward_one_block(
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, KEYS: tl.constexpr, PACK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, DV: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, DV: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """SPLIT: program axis 1 takes the tile's keys KEYS at a time, writing unnormalised partial
     results (to rows of DV columns) for attention_combine, as the online kernel's splits do."""
@@ -321,7 +342,8 @@ def attention_forward_one_block(
                           other=0.0).to(DOT_DTYPE)
         scores = tl.dot(q_chunk, tl.trans(k_chunk), scores, input_precision="ieee")
 
-    visible = _visible(key, position, row_valid, Skv, causal_offset, window, CAUSAL, WINDOW) & key_valid[None, :]
+    visible = _visible(key[None, :], position[:, None], row_valid[:, None], Skv, causal_offset, window, CAUSAL,
+                       WINDOW) & key_valid[None, :]
     mask_offsets = (batch * stride_mb + head * stride_mh + position.to(tl.int64) * stride_ms)[:, None] \
         + key.to(tl.int64)[None, :] * stride_mn
     scores = _mask_scores(scores * qk_scale, visible, mask, mask_offsets, HAS_MASK, MASK_IS_BOOL)
@@ -337,6 +359,8 @@ def attention_forward_one_block(
         o_rows = partial_acc + scratch_row * DV
         o_column_stride = 1
     else:
+        if STORE_LSE:
+            _store_lse(lse, (batch * q_heads + head) * Sq + position, m_new, l_i, row_valid)
         p = p / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_rows = out + batch * stride_ob + head * stride_oh + position.to(tl.int64) * stride_os
         o_column_stride = stride_od
@@ -352,10 +376,11 @@ def attention_forward_one_block(
 
 
 def attention_combine(
-    partial_acc, partial_stats, sinks, out,
+    partial_acc, partial_stats, sinks, out, lse,
     splits, scratch_rows, Sq, q_heads,
     stride_ob, stride_oh, stride_os, stride_od,
     HEAD_DV: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     """Merge the split-KV partials of one row (= (batch·Hq + head)·Sq + position), BLOCK_D columns,
     reading BLOCK_S splits per step: first the max over all splits (and the sink), then the sum."""
@@ -385,6 +410,220 @@ def attention_combine(
         denominator += tl.sum(weight * tl.load(partial_stats + scratch_row * 2 + 1, mask=in_range, other=0.0), 0)
         partial = tl.load(partial_acc + scratch_row[:, None] * DV + cols[None, :], mask=in_range[:, None], other=0.0)
         acc += tl.sum(weight[:, None] * partial, 0)
+    if STORE_LSE:
+        _store_lse(lse, row, m, denominator, tl.program_id(1) == 0)
     result = acc / tl.where(denominator > 0.0, denominator, 1.0)
     tl.store(out + batch * stride_ob + head * stride_oh + position * stride_os + cols * stride_od,
              result.to(out.dtype.element_ty), mask=cols < HEAD_DV)
+
+
+# ------------------------------------------------------------------------------------- backward
+def _load_tile(ptrs, row_valid, cols, HEAD: tl.constexpr, COLUMNS: tl.constexpr, BOUNDED: tl.constexpr,
+               DOT_DTYPE: tl.constexpr):
+    """A [rows, COLUMNS] tile at `ptrs`: rows past the end (when BOUNDED) and columns past HEAD read as 0."""
+    if BOUNDED or COLUMNS > HEAD:
+        tile = tl.load(ptrs, mask=row_valid[:, None] & (cols[None, :] < HEAD), other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile.to(DOT_DTYPE)
+
+
+def attention_backward_kv(
+    q, k, v, mask, grad_out, lse, delta, grad_k, grad_v,
+    Sq, Skv, kv_heads, group, q_heads, batches, head_splits,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_ms, stride_mn,
+    stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    qk_scale, scale, causal_offset, window,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """grad_k and grad_v of one block of BLOCK_N keys of one KV head, summed over the query heads
+    of its group (axis 1 also splits the group `head_splits` ways; each split writes its own
+    partial sums, batch index split·batches + batch, which the caller adds up)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    index = tl.program_id(1)
+    split = index % head_splits
+    batch = (index // head_splits // kv_heads).to(tl.int64)
+    kv_head = ((index // head_splits) % kv_heads).to(tl.int64)
+    heads_per_split = group // head_splits
+    key = start_n + tl.arange(0, BLOCK_N)
+    key_valid = key < Skv
+    cols_qk = tl.arange(0, DQK)
+    cols_v = tl.arange(0, DV)
+    k_tile = _load_tile(k + batch * stride_kb + kv_head * stride_kh + key.to(tl.int64)[:, None] * stride_kn
+                        + cols_qk[None, :] * stride_kd, key_valid, cols_qk, HEAD_DQK, DQK, True, DOT_DTYPE)
+    v_tile = _load_tile(v + batch * stride_vb + kv_head * stride_vh + key.to(tl.int64)[:, None] * stride_vn
+                        + cols_v[None, :] * stride_vd, key_valid, cols_v, HEAD_DV, DV, True, DOT_DTYPE)
+    grad_k_acc = tl.zeros([BLOCK_N, DQK], tl.float32)
+    grad_v_acc = tl.zeros([BLOCK_N, DV], tl.float32)
+
+    # [lo, hi): the query rows that see some key of the block; [clean_lo, clean_hi) (on the grid
+    # lo + j·BLOCK_M): row blocks that see every key of the block.
+    lo = start_n * 0
+    hi = lo + Sq
+    clean_lo = lo
+    clean_limit = lo + Sq
+    if CAUSAL:
+        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        first_full = start_n + BLOCK_N - 1 - causal_offset
+        clean_lo = tl.where(first_full > lo, lo + ((first_full - lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
+    if WINDOW:
+        hi = tl.minimum(hi, start_n + BLOCK_N - 1 - causal_offset + window)
+        clean_limit = tl.minimum(clean_limit, start_n - causal_offset + window)
+    hi = tl.maximum(hi, lo)
+    clean_hi = lo + (tl.maximum(clean_limit - lo, 0) // BLOCK_M) * BLOCK_M
+    clean_hi = tl.where(start_n + BLOCK_N > Skv, lo, clean_hi)
+    clean_lo = tl.minimum(clean_lo, hi)
+    clean_hi = tl.minimum(tl.maximum(clean_hi, clean_lo), hi)
+
+    rows = tl.arange(0, BLOCK_M)
+    for h in tl.range(0, heads_per_split):
+        head = kv_head * group + split * heads_per_split + h
+        q_head = q + batch * stride_qb + head * stride_qh
+        g_head = grad_out + batch * stride_gb + head * stride_gh
+        row_stats = (batch * q_heads + head) * Sq
+        mask_head = batch * stride_mb + head * stride_mh
+        for phase in tl.static_range(3):
+            # 0: row blocks at the causal diagonal; 1: row blocks that see the whole key block; 2: the rest
+            masked = phase != 1
+            if phase == 0:
+                start = lo
+                stop = clean_lo
+            elif phase == 1:
+                start = clean_lo
+                stop = clean_hi
+            else:
+                start = clean_hi
+                stop = hi
+            if phase != 0 or CAUSAL:
+                for start_m in tl.range(start, stop, BLOCK_M):
+                    position = start_m + rows
+                    row_valid = position < Sq
+                    q_tile = _load_tile(q_head + position.to(tl.int64)[:, None] * stride_qs + cols_qk[None, :]
+                                        * stride_qd, row_valid, cols_qk, HEAD_DQK, DQK, masked, DOT_DTYPE)
+                    g_tile = _load_tile(g_head + position.to(tl.int64)[:, None] * stride_gs + cols_v[None, :]
+                                        * stride_gd, row_valid, cols_v, HEAD_DV, DV, masked, DOT_DTYPE)
+                    lse2 = tl.load(lse + row_stats + position, mask=row_valid, other=float("inf")) * LOG2E
+                    row_delta = tl.load(delta + row_stats + position, mask=row_valid, other=0.0)
+                    scores_t = tl.dot(k_tile, tl.trans(q_tile), input_precision="ieee")  # [keys, rows]
+                    if masked or HAS_MASK:
+                        visible = _visible(key[:, None], position[None, :], row_valid[None, :], Skv, causal_offset,
+                                           window, CAUSAL, WINDOW)
+                        offsets = mask_head + key.to(tl.int64)[:, None] * stride_mn \
+                            + position.to(tl.int64)[None, :] * stride_ms
+                        scores_t = _mask_scores(scores_t * qk_scale, visible, mask, offsets, HAS_MASK, MASK_IS_BOOL)
+                        p_t = tl.math.exp2(scores_t - lse2[None, :])
+                    else:
+                        p_t = tl.math.exp2(scores_t * qk_scale - lse2[None, :])
+                    grad_v_acc = tl.dot(p_t.to(q.dtype.element_ty).to(DOT_DTYPE), g_tile, grad_v_acc,
+                                        input_precision="ieee")
+                    grad_p_t = tl.dot(v_tile, tl.trans(g_tile), input_precision="ieee")
+                    grad_s_t = p_t * (grad_p_t - row_delta[None, :])
+                    grad_k_acc = tl.dot(grad_s_t.to(q.dtype.element_ty).to(DOT_DTYPE), q_tile, grad_k_acc,
+                                        input_precision="ieee")
+
+    out_batch = split * batches + batch
+    tl.store(grad_k + out_batch * stride_dkb + kv_head * stride_dkh + key.to(tl.int64)[:, None] * stride_dkn
+             + cols_qk[None, :] * stride_dkd, (grad_k_acc * scale).to(grad_k.dtype.element_ty),
+             mask=key_valid[:, None] & (cols_qk[None, :] < HEAD_DQK))
+    tl.store(grad_v + out_batch * stride_dvb + kv_head * stride_dvh + key.to(tl.int64)[:, None] * stride_dvn
+             + cols_v[None, :] * stride_dvd, grad_v_acc.to(grad_v.dtype.element_ty),
+             mask=key_valid[:, None] & (cols_v[None, :] < HEAD_DV))
+
+
+def attention_backward_q(
+    q, k, v, mask, out, grad_out, lse, delta, grad_q,
+    Sq, Skv, kv_heads, group, q_heads,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_ms, stride_mn,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    qk_scale, scale, causal_offset, window,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """grad_q of BLOCK_M query rows of one head: the forward's key loop (same phases) with
+    p recomputed from lse.  It also stores each row's D = Σ_d grad_out·out, which
+    attention_backward_kv reads (so it runs first)."""
+    m_tiles = tl.cdiv(Sq, BLOCK_M)
+    m_tile = tl.program_id(0)
+    if CAUSAL:  # the longest rows first
+        m_tile = m_tiles - 1 - m_tile
+    index = tl.program_id(1)
+    batch = (index // q_heads).to(tl.int64)
+    head = (index % q_heads).to(tl.int64)
+    kv_head = head // group
+    first_position = m_tile * BLOCK_M
+    last_position = tl.minimum(first_position + BLOCK_M, Sq) - 1
+    position = first_position + tl.arange(0, BLOCK_M)
+    row_valid = position < Sq
+    cols_qk = tl.arange(0, DQK)
+    cols_v = tl.arange(0, DV)
+    q_tile = _load_tile(q + batch * stride_qb + head * stride_qh + position.to(tl.int64)[:, None] * stride_qs
+                        + cols_qk[None, :] * stride_qd, row_valid, cols_qk, HEAD_DQK, DQK, True, DOT_DTYPE)
+    g_tile = _load_tile(grad_out + batch * stride_gb + head * stride_gh + position.to(tl.int64)[:, None] * stride_gs
+                        + cols_v[None, :] * stride_gd, row_valid, cols_v, HEAD_DV, DV, True, DOT_DTYPE)
+    o_tile = _load_tile(out + batch * stride_ob + head * stride_oh + position.to(tl.int64)[:, None] * stride_os
+                        + cols_v[None, :] * stride_od, row_valid, cols_v, HEAD_DV, DV, True, tl.float32)
+    row_delta = tl.sum(o_tile * g_tile.to(tl.float32), 1)
+    row_stats = (batch * q_heads + head) * Sq + position
+    tl.store(delta + row_stats, row_delta, mask=row_valid)
+    lse2 = tl.load(lse + row_stats, mask=row_valid, other=float("inf")) * LOG2E
+
+    lo, hi = _key_range(first_position, last_position, Skv, causal_offset, window, CAUSAL, WINDOW)
+    clean_lo, clean_hi = _clean_keys(lo, first_position, last_position, Skv, causal_offset, window, BLOCK_N, CAUSAL,
+                                     WINDOW)
+    clean_lo = tl.minimum(tl.maximum(clean_lo, lo), hi)
+    clean_hi = tl.minimum(tl.maximum(clean_hi, clean_lo), hi)
+    k_head = k + batch * stride_kb + kv_head * stride_kh
+    v_head = v + batch * stride_vb + kv_head * stride_vh
+    mask_rows = (batch * stride_mb + head * stride_mh + position.to(tl.int64) * stride_ms)[:, None]
+    keys = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, DQK], tl.float32)
+    for phase in tl.static_range(3):
+        # 0: the window's partly hidden first blocks; 1: blocks every row sees whole; 2: diagonal and end
+        masked = phase != 1
+        if phase == 0:
+            start = lo
+            stop = clean_lo
+        elif phase == 1:
+            start = clean_lo
+            stop = clean_hi
+        else:
+            start = clean_hi
+            stop = hi
+        if phase != 0 or WINDOW:
+            for start_n in tl.range(start, stop, BLOCK_N):
+                key = start_n + keys
+                key_valid = key < Skv
+                k_tile = _load_tile(k_head + key.to(tl.int64)[:, None] * stride_kn + cols_qk[None, :] * stride_kd,
+                                    key_valid, cols_qk, HEAD_DQK, DQK, masked, DOT_DTYPE)
+                v_tile = _load_tile(v_head + key.to(tl.int64)[:, None] * stride_vn + cols_v[None, :] * stride_vd,
+                                    key_valid, cols_v, HEAD_DV, DV, masked, DOT_DTYPE)
+                scores = tl.dot(q_tile, tl.trans(k_tile), input_precision="ieee")
+                if masked or HAS_MASK:
+                    visible = _visible(key[None, :], position[:, None], row_valid[:, None], Skv, causal_offset,
+                                       window, CAUSAL, WINDOW)
+                    scores = _mask_scores(scores * qk_scale, visible, mask,
+                                          mask_rows + key.to(tl.int64)[None, :] * stride_mn, HAS_MASK, MASK_IS_BOOL)
+                    p = tl.math.exp2(scores - lse2[:, None])
+                else:
+                    p = tl.math.exp2(scores * qk_scale - lse2[:, None])
+                grad_p = tl.dot(g_tile, tl.trans(v_tile), input_precision="ieee")
+                grad_s = p * (grad_p - row_delta[:, None])
+                acc = tl.dot(grad_s.to(q.dtype.element_ty).to(DOT_DTYPE), k_tile, acc, input_precision="ieee")
+    tl.store(grad_q + batch * stride_dqb + head * stride_dqh + position.to(tl.int64)[:, None] * stride_dqs
+             + cols_qk[None, :] * stride_dqd, (acc * scale).to(grad_q.dtype.element_ty),
+             mask=row_valid[:, None] & (cols_qk[None, :] < HEAD_DQK))

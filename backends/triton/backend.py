@@ -15,6 +15,7 @@ from typing import Any
 from flagtree.backends.base import Availability, Backend, Capabilities
 from flagtree.backends.lowering import lower_function
 from flagtree.backends.triton.attention import attention_lowering
+from flagtree.backends.triton.attention_backward import attention_grad_lowering
 from flagtree.backends.triton.launch import write_launch
 from flagtree.backends.triton.library import KernelLibrary, LoadedKernel
 from flagtree.ir.core import Module, Operation
@@ -78,6 +79,7 @@ class TritonBackend(Backend):
             writer.note(f"{name}: ft.fusion at {op.location} -> {kernel.path}")
             return write_launch(kernel.launch, name, writer, operands)
 
-        lowerings = {"ft.fusion": lower_fusion, "ft.attention": attention_lowering(self.name, self.jit, capabilities)}
+        lowerings = {"ft.fusion": lower_fusion, "ft.attention": attention_lowering(self.name, self.jit, capabilities),
+                     "ft.attention_grad": attention_grad_lowering(self.name, self.jit, capabilities)}
         plan = lower_function(module, self.name, lowerings, default_device=self.default_device)
         return plan, kernels

@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from flagtree.backends.registry import select_backend
 from flagtree.frontend.importer import ConstantOutput, import_graph
 from flagtree.frontend.options import CompileOptions
+from flagtree.frontend.reduce_overhead import CudaGraphRequest, with_cuda_graphs
 from flagtree.ir.core import Module
 from flagtree.ir.opdef import FUSED, has_trait
 from flagtree.ir.printer import print_module
@@ -76,9 +77,12 @@ def compile_aten_graph(
     graph: str,
     options: CompileOptions,
     constants: dict[int, tuple[str, torch.Tensor]] | None = None,
+    cuda_graphs: CudaGraphRequest | None = None,
 ) -> CompiledGraph:
     """Compile the aten graph `gm` named `graph` (e.g. `graph_0_forward`) for the device of
-    `example_inputs`, on the backend the registry selects."""
+    `example_inputs`, on the backend the registry selects. With `cuda_graphs`
+    (mode="reduce-overhead") it runs through CUDA graphs where they apply, and its report
+    notes whether they do."""
     start = time.perf_counter()
     dump = GraphDump(Path(options.dump_dir) / graph) if options.dump_dir else None
     # aot_autograd calls compilers under its FakeTensorMode; FTIR constants are real tensors.
@@ -101,6 +105,12 @@ def compile_aten_graph(
             dump.write("output.ftir", print_module(module, print_locations=True))
         executable = backend.compile(module, capabilities)
     report = _report(graph, backend.name, module, pipeline, pass_times, imported.fallback_reasons, dump)
+    report.kernel_fallbacks = {op: n for op, n in getattr(executable, "fallback_ops", {}).items()
+                               if op not in report.fallbacks}
+    if cuda_graphs is not None:
+        executable, note = with_cuda_graphs(executable, graph, backend, example_inputs, imported.arg_indices,
+                                            cuda_graphs)
+        report.notes.append(note)
     report.compile_seconds = time.perf_counter() - start
     record(report)
     if dump:

@@ -1,0 +1,290 @@
+"""`ft.attention_grad` on the Triton backends (cuda, rocm, interpret): flash-attention backward kernels.
+
+The lowering writes one plan line per op,
+
+    buf9, buf10, buf11 = flash_attention_backward(buf1, buf2, buf3, buf7, buf8, buf6, scale=0.125,
+                                                  causal='upper_left', window=0)
+
+calling a `FlashAttentionBackward` of the backend, which launches two kernels of
+attention_kernel.py: `attention_backward_q` (per block of query rows: grad_q, and each row's
+D = Σ grad_out·out) and then `attention_backward_kv` (per block of keys of one KV head:
+grad_k and grad_v, the group's query heads summed in registers, no atomics).  Both
+recompute p = exp(s − lse) from the forward's lse instead of reading a saved [Sq, Skv]
+matrix, skip the blocks no row sees (causal, window) and mask only the blocks at the edges.
+When the KV kernel's programs would leave most multiprocessors idle (MQA: one KV head for
+many query heads) the group is split across programs, each writing f32 partial sums that are
+added afterwards.
+
+Head dims are padded to a power of two (≥ 16) per tile; dims above MAX_HEAD_DIM, f64 and
+dynamic head dims raise UnsupportedRegion (the op then runs its reference, counted).
+Configurations come from the target's capabilities like the forward's, and on a GPU each
+kernel's is timed once per shape class and remembered (`attention-tuning` namespace).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flagtree.backends.base import Capabilities
+from flagtree.backends.lowering import UnsupportedRegion
+from flagtree.backends.triton.attention import (
+    MIN_DOT,
+    SUPPORTED_DTYPES,
+    ConfigTuner,
+    benchmark_ms,
+    dot_dtype,
+    dtype_name,
+    kernels_for,
+    power_of_two_at_least,
+    strides_of,
+)
+from flagtree.backends.triton.library import Jit
+from flagtree.ir.core import Operation
+from flagtree.ir.types import TensorType
+from flagtree.runtime.plan import PlanWriter
+
+MAX_HEAD_DIM = 256
+MAX_ACCUMULATOR_REGISTERS = 128  # f32 registers per thread for the kernel's accumulators
+MAX_SCORE_REGISTERS = 64  # f32 registers per thread for the two [rows, keys] tiles of one step
+_ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), most promising first: the fastest of an H200 sweep
+# of every fitting tile (bf16, causal, head dims 128 and 192/128, length 4096), then smaller
+# tiles for small shared memories.  The KV kernel holds a block of keys and walks query rows;
+# the Q kernel the reverse.
+_KV_TILES = ((64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (32, 128, 8, 3),
+             (64, 64, 8, 2), (16, 64, 4, 3), (16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1))
+_Q_TILES = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 32, 4, 3), (128, 64, 8, 2),
+            (128, 32, 8, 3), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1))
+TUNED_CANDIDATES = 6
+
+
+@dataclass(frozen=True)
+class BackwardClass:
+    """What a backward kernel's configuration depends on: one tuning entry per class and kernel."""
+
+    kernel: str  # "kv" | "q"
+    dtype: str
+    head_dqk: int
+    head_dv: int
+    causal: bool
+    window: bool
+    has_mask: bool
+    group: int
+    query_bucket: int  # Sq rounded up to a power of two
+    key_bucket: int  # Skv rounded up to a power of two
+
+    @property
+    def dqk(self) -> int:
+        return max(MIN_DOT, power_of_two_at_least(self.head_dqk))
+
+    @property
+    def dv(self) -> int:
+        return max(MIN_DOT, power_of_two_at_least(self.head_dv))
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def backward_fits(config: BackwardConfig, shape: BackwardClass, caps: Capabilities) -> bool:
+    """Whether the kernel's tiles fit the target's shared memory and its f32 tiles the registers."""
+    threads = config.num_warps * caps.warp_size
+    width = shape.dqk + shape.dv
+    # The kv kernel keeps a key block (K, V and both gradients) and streams query rows; q the reverse.
+    held, streamed = (config.block_n, config.block_m) if shape.kernel == "kv" else (config.block_m, config.block_n)
+    accumulators = held * (shape.dqk + shape.dv if shape.kernel == "kv" else shape.dqk) / threads
+    scores = 2 * config.block_m * config.block_n / threads
+    shared = (held + max(config.num_stages, 1) * streamed) * width * _ELEMENT_BYTES[shape.dtype]
+    return (accumulators <= MAX_ACCUMULATOR_REGISTERS and scores <= MAX_SCORE_REGISTERS
+            and shared <= caps.shared_memory_bytes and threads <= caps.max_threads_per_block)
+
+
+def backward_candidates(shape: BackwardClass, caps: Capabilities) -> list[BackwardConfig]:
+    """The configurations of one backward kernel that fit the target, most promising first;
+    tiles longer than the sequences they cover are dropped unless nothing else fits."""
+    tiles = _KV_TILES if shape.kernel == "kv" else _Q_TILES
+    fitting = [c for c in (BackwardConfig(*t) for t in tiles) if backward_fits(c, shape, caps)]
+    useful = [c for c in fitting if c.block_m <= max(shape.query_bucket, MIN_DOT)
+              and c.block_n <= max(shape.key_bucket, MIN_DOT)]
+    return useful or fitting
+
+
+def head_split_count(programs: int, group: int, caps: Capabilities) -> int:
+    """How many ways the KV kernel splits each group of query heads: the smallest power of two
+    dividing the group that gives every multiprocessor a program (1 when the keys already do)."""
+    multiprocessors = dict(caps.extra).get("multiprocessors", 1)
+    splits = 1
+    while programs * splits < multiprocessors and group % (2 * splits) == 0:
+        splits *= 2
+    return splits
+
+
+def unsupported_reason(op: Operation, caps: Capabilities) -> str | None:
+    """Why the backward kernels cannot run `op` on `caps`' target, or None."""
+    q, _, v = (o.type for o in op.operands[:3])
+    if not all(isinstance(t, TensorType) for t in (q, v)):
+        return "q, k and v must be tensors"
+    if q.dtype.name not in SUPPORTED_DTYPES or q.dtype.name not in caps.dtypes:
+        return f"the flash-attention backward takes f32, f16 or bf16 that {caps.target} computes natively, " \
+               f"not {q.dtype.name}"
+    if q.shape[3] is None or v.shape[3] is None:
+        return "the head dims must be static (they choose the kernels' tiles)"
+    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
+        return f"head dims {q.shape[3]}/{v.shape[3]}: the backward kernels take at most {MAX_HEAD_DIM}"
+    for kernel in ("kv", "q"):
+        shape = BackwardClass(kernel, q.dtype.name, q.shape[3], v.shape[3], False, False, False, 1, 2**16, 2**16)
+        if not backward_candidates(shape, caps):
+            return f"no {kernel} backward tile for head dims {q.shape[3]}/{v.shape[3]} fits {caps.target}"
+    return None
+
+
+class FlashAttentionBackward:
+    """`ft.attention_grad` for one backend and target, called from launch plans."""
+
+    def __init__(self, backend: str, jit: Jit, caps: Capabilities,
+                 measure: Callable[[Callable[[], Any]], float] | None = None):
+        self.backend = backend
+        self.jit = jit
+        self.caps = caps
+        self.tuner = ConfigTuner(backend, caps, measure or benchmark_ms, BackwardConfig)
+        self._chosen: dict[BackwardClass, BackwardConfig] = {}
+
+    def __repr__(self) -> str:
+        return f"FlashAttentionBackward({self.backend}, {self.caps.target})"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+                 lse: torch.Tensor, mask: torch.Tensor | None = None, *, scale: float, causal: str, window: int,
+                 head_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(grad_q, grad_k, grad_v); `head_splits` overrides how the KV kernel splits GQA groups."""
+        call = _Call(self, q, k, v, out, grad_out, lse, mask, scale, causal, window)
+        grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
+        if q.numel() == 0 or k.numel() == 0:
+            return grad_q.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+        delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        call.query_gradient(delta, self._config(call, "q", delta), grad_q)
+        grad_k, grad_v = call.key_gradients(delta, self._config(call, "kv", delta), head_splits)
+        return grad_q, grad_k, grad_v
+
+    def _config(self, call: _Call, kernel: str, delta: torch.Tensor) -> BackwardConfig:
+        """The kernel's configuration for this call's class: the first candidate, or on a GPU the
+        fastest (the KV kernel is timed on the D the Q kernel stored in `delta`)."""
+        shape = call.shape(kernel)
+        config = self._chosen.get(shape)
+        if config is None:
+            candidates = backward_candidates(shape, self.caps)
+            if not candidates:
+                raise UnsupportedRegion(f"no flash-attention backward tile fits {self.caps.target} for {shape}")
+            if call.q.device.type == "cpu":  # Triton's interpreter is not timed
+                config = candidates[0]
+            else:
+                grad_q = torch.empty_like(call.q)
+                run = call.key_gradients if kernel == "kv" else functools.partial(call.query_gradient, grad_q=grad_q)
+
+                def prepare(config: BackwardConfig) -> Callable[[], Any]:
+                    return functools.partial(run, delta, config)
+
+                config = self.tuner.best(shape, candidates[:TUNED_CANDIDATES], prepare)
+            self._chosen[shape] = config
+        return config
+
+
+class _Call:
+    """One backward call's tensors and the launches of its kernels."""
+
+    def __init__(self, owner: FlashAttentionBackward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float, causal: str, window: int):
+        self.owner = owner
+        self.q, self.k, self.v, self.out, self.grad_out, self.mask = q, k, v, out, grad_out, mask
+        self.lse = lse.contiguous()
+        self.kernels = kernels_for(owner.backend, owner.jit)
+        batch, q_heads, sq, _ = q.shape
+        kv_heads, skv = k.shape[1], k.shape[2]
+        self.group = q_heads // kv_heads
+        expanded_mask = mask.expand(batch, q_heads, sq, skv) if mask is not None else None
+        self.common = dict(
+            Sq=sq, Skv=skv, kv_heads=kv_heads, group=self.group, q_heads=q_heads,
+            **strides_of("q", q.stride()), **strides_of("k", k.stride()), **strides_of("v", v.stride()),
+            **strides_of("m", expanded_mask.stride() if mask is not None else (0, 0, 0, 0)),
+            **strides_of("g", grad_out.stride()),
+            qk_scale=scale * math.log2(math.e), scale=scale, causal_offset=skv - sq if causal == "lower_right" else 0,
+            window=window, HEAD_DQK=q.shape[3], HEAD_DV=v.shape[3],
+            DQK=max(MIN_DOT, power_of_two_at_least(q.shape[3])), DV=max(MIN_DOT, power_of_two_at_least(v.shape[3])),
+            CAUSAL=causal != "none", WINDOW=window > 0, HAS_MASK=mask is not None,
+            MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool, DOT_DTYPE=dot_dtype(self.kernels, q.dtype),
+        )
+        self.causal, self.window = causal, window
+
+    def shape(self, kernel: str) -> BackwardClass:
+        return BackwardClass(kernel, dtype_name(self.q.dtype), self.q.shape[3], self.v.shape[3],
+                             self.causal != "none", self.window > 0, self.mask is not None, self.group,
+                             power_of_two_at_least(self.q.shape[2]), power_of_two_at_least(self.k.shape[2]))
+
+    def key_gradients(self, delta: torch.Tensor, config: BackwardConfig,
+                      head_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, kv_heads, skv, _ = self.k.shape
+        programs = -(-skv // config.block_n) * batch * kv_heads
+        splits = head_splits or head_split_count(programs, self.group, self.owner.caps)
+        if self.group % splits:
+            raise ValueError(f"{splits} head splits do not divide the GQA group of {self.group}")
+        if splits == 1:
+            grad_k, grad_v = torch.empty_like(self.k), torch.empty_like(self.v)
+        else:
+            grad_k = torch.empty((splits * batch, *self.k.shape[1:]), dtype=torch.float32, device=self.k.device)
+            grad_v = torch.empty((splits * batch, *self.v.shape[1:]), dtype=torch.float32, device=self.v.device)
+        self.kernels.backward_kv[(-(-skv // config.block_n), batch * kv_heads * splits)](
+            q=self.q, k=self.k, v=self.v, mask=self.mask, grad_out=self.grad_out, lse=self.lse, delta=delta,
+            grad_k=grad_k, grad_v=grad_v, batches=batch, head_splits=splits, **self.common,
+            **strides_of("dk", grad_k.stride()), **strides_of("dv", grad_v.stride()),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
+        if splits == 1:
+            return grad_k, grad_v
+        return (grad_k.view(splits, *self.k.shape).sum(0).to(self.k.dtype),
+                grad_v.view(splits, *self.v.shape).sum(0).to(self.v.dtype))
+
+    def query_gradient(self, delta: torch.Tensor, config: BackwardConfig, grad_q: torch.Tensor) -> torch.Tensor:
+        """grad_q into `grad_q`, and each row's D into `delta`."""
+        batch, q_heads, sq, _ = self.q.shape
+        self.kernels.backward_q[(-(-sq // config.block_m), batch * q_heads)](
+            q=self.q, k=self.k, v=self.v, mask=self.mask, out=self.out, grad_out=self.grad_out, lse=self.lse,
+            delta=delta, grad_q=grad_q, **self.common, **strides_of("o", self.out.stride()),
+            **strides_of("dq", grad_q.stride()),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
+        return grad_q
+
+
+@functools.cache
+def flash_attention_backward(backend: str, jit: Jit, caps: Capabilities) -> FlashAttentionBackward:
+    """The backend's FlashAttentionBackward for `caps` (one per process, so tuning is shared)."""
+    return FlashAttentionBackward(backend, jit, caps)
+
+
+def attention_grad_lowering(backend: str, jit: Jit, caps: Capabilities) -> Callable[[Operation, PlanWriter,
+                                                                                    list[str]], list[str]]:
+    """The OpLowering of ft.attention_grad for a Triton backend."""
+
+    def lower(op: Operation, writer: PlanWriter, operands: list[str]) -> list[str]:
+        problem = unsupported_reason(op, caps)
+        if problem:
+            raise UnsupportedRegion(problem)
+        callee = writer.bind("flash_attention_backward", flash_attention_backward(backend, jit, caps))
+        attributes = op.attributes
+        optional = [f"mask={operands[6]}"] if attributes["has_mask"] else []
+        results = [writer.new_buffer() for _ in range(3)]
+        arguments = [*operands[:6], *optional, f"scale={attributes['scale']!r}", f"causal={attributes['causal']!r}",
+                     f"window={attributes['window']}"]
+        writer.line(f"{', '.join(results)} = {callee}({', '.join(arguments)})")
+        return results
+
+    return lower

@@ -1,0 +1,246 @@
+"""Attention training: `ft.attention_grad`'s reference against autograd, the Triton backward
+kernels (run by Triton's interpreter) against fp64 gradients on fresh random problems (the
+forward kernels' problems of tests/attention_problems.py, without sinks), and compiling the
+kernels for sm_90 without a GPU.  Tolerances as for the forward: relative L2 error within the
+dtype's bound, or four times eager f32's own error.  With logits of ~1e3 the gradients are sums
+that cancel to almost nothing, so there the error is measured against the size of the terms
+summed (`magnitudes`): p and grad_s are rounded to the input type before their products (as
+matrix units read them), sums are f32, and p is recomputed as exp(s − lse), where an f32 ulp of
+a logit of 1e3 is ~1e-4 of its weight."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flagtree.backends.interpret import InterpretBackend
+from flagtree.backends.triton.attention import FlashAttention
+from flagtree.backends.triton.attention_backward import (
+    BackwardClass,
+    BackwardConfig,
+    FlashAttentionBackward,
+    backward_candidates,
+    backward_fits,
+    head_split_count,
+)
+from flagtree.ir import Builder, Module, Operation, new_function, parse_type, verify
+from flagtree.ir.ops.attention import attention_grad_reference, attention_reference
+from tests.attention_problems import TOLERANCE, Problem, attributes, make_inputs, problems, relative_error, sees_no_key
+from tests.test_attention_kernel import HOPPER
+from tests.triton_sm90 import CompileForSm90
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def backend() -> InterpretBackend:
+    return InterpretBackend()
+
+
+@pytest.fixture(scope="module")
+def forward(backend) -> FlashAttention:
+    return FlashAttention(backend.name, backend.jit, backend.capabilities())
+
+
+@pytest.fixture(scope="module")
+def backward(backend) -> FlashAttentionBackward:
+    return FlashAttentionBackward(backend.name, backend.jit, backend.capabilities())
+
+
+def training_problem(p: Problem) -> tuple[list[torch.Tensor | None], float, torch.Tensor]:
+    """q, k, v, mask (no sinks), the scale, and a random output gradient."""
+    (q, k, v, mask, _), scale = make_inputs(dataclasses.replace(p, sinks=False))
+    generator = torch.Generator().manual_seed(p.seed + 1)
+    grad_out = torch.randn(*q.shape[:3], v.shape[3], generator=generator).to(p.dtype)
+    return [q, k, v, mask], scale, grad_out
+
+
+def exact_gradients(inputs: list[torch.Tensor | None], attrs: dict, grad_out: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """ft.attention_grad's reference, every float tensor in `dtype`, with the forward's out and
+    lse computed in that type too."""
+    args = [t.to(dtype) if t.is_floating_point() else t for t in inputs if t is not None]
+    out, lse = attention_reference(args, {**attrs, "with_lse": True}, [])
+    return attention_grad_reference([*args[:3], out, grad_out.to(dtype), lse, *args[3:]], attrs, [])
+
+
+def magnitudes(inputs: list[torch.Tensor | None], attrs: dict, grad_out: torch.Tensor,
+               exact: tuple[torch.Tensor, ...]) -> list[float]:
+    """Per gradient, relative to its norm: the size of the terms its sum adds up, which bounds
+    what rounding them moves it (first order): grad_q = scale·Σ_j p_j (grad_out·v_j − D) k_j with
+    |D| ≤ Σ|grad_out||out|, and kin.  A one-hot row (large logits) makes grad_q a sum of such
+    terms that cancels to almost 0.  p is the reference's attention over identity values."""
+    q, k, v, mask = (t.double() if t is not None and t.is_floating_point() else t for t in inputs)
+    group = q.shape[1] // k.shape[1]
+    identity = torch.eye(k.shape[2], dtype=torch.float64).expand(k.shape[0], k.shape[1], -1, -1)
+    p = attention_reference([q, k, identity, *([mask] if mask is not None else [])], attrs, [])
+    g = grad_out.double().abs()
+    v_heads, k_heads = v.repeat_interleave(group, 1).abs(), k.repeat_interleave(group, 1).abs()
+    out = torch.matmul(p, v_heads)
+    weight = p * (torch.matmul(g, v_heads.transpose(-1, -2)) + (g * out).sum(-1, keepdim=True))
+    terms = [attrs["scale"] * torch.matmul(weight, k_heads),
+             attrs["scale"] * torch.matmul(weight.transpose(-1, -2), q.abs()),
+             torch.matmul(p.transpose(-1, -2), g)]
+    return [t.norm().item() / max(e.norm().item(), 1e-300) for t, e in zip(terms, exact)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems())
+def test_grad_reference_is_autograds_gradient_of_the_reference(problem):
+    """In f64, attention_grad from the forward's lse equals autograd through attention_reference
+    (visible keys, masks, GQA sums, rows that see nothing: zero gradient, no NaN)."""
+    inputs, scale, grad_out = training_problem(problem)
+    attrs = attributes(dataclasses.replace(problem, sinks=False), scale)
+    leaves = [t.double().requires_grad_() for t in inputs[:3]]
+    mask = [inputs[3].double() if inputs[3].is_floating_point() else inputs[3]] if inputs[3] is not None else []
+    out = attention_reference([*leaves, *mask], attrs, [])
+    expected = torch.autograd.grad(out, leaves, grad_out.double(), allow_unused=True)
+    actual = exact_gradients(inputs, attrs, grad_out, torch.float64)
+    for name, a, e in zip("qkv", actual, expected):
+        e = torch.zeros_like(a) if e is None else e
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9 * (1 + e.abs().max().item()), msg=name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.booleans())
+def test_backward_kernels_match_fp64_gradients(forward, backward, problem, split_heads):
+    """The forward kernel's out and lse, then the backward kernels: grad_q, grad_k, grad_v within
+    tolerance of fp64; rows that see no key get an exactly zero grad_q.  split_heads: the KV
+    kernel splits GQA groups across programs (f32 partial sums)."""
+    inputs, scale, grad_out = training_problem(problem)
+    q, k, v, mask = inputs
+    p = dataclasses.replace(problem, sinks=False)
+    attrs = attributes(p, scale)
+    kwargs = {"scale": scale, "causal": p.causal, "window": p.window}
+    out, lse = forward(q, k, v, mask, None, **kwargs, with_lse=True)
+    group = q.shape[1] // k.shape[1]
+    splits = 2 if split_heads and group % 2 == 0 else None
+    grads = backward(q, k, v, out, grad_out, lse, mask, **kwargs, head_splits=splits)
+    expected = exact_gradients(inputs, attrs, grad_out, torch.float64)
+    eager = exact_gradients(inputs, attrs, grad_out, torch.float32)
+    largest_logit = (torch.matmul(q.double(), k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scale).abs()
+    largest_logit = largest_logit.max().item() if largest_logit.numel() else 0.0
+    # large logits: rounding p and grad_s to the input type, f32 sums, and p recomputed from lse
+    per_magnitude = 2 * torch.finfo(p.dtype).eps + 8 * torch.finfo(torch.float32).eps * (1 + largest_logit)
+    scales = magnitudes(inputs, attrs, grad_out, expected) if p.logit_scale > 1 else [0.0] * 3
+    for name, actual, exact, f32, like, size in zip("qkv", grads, expected, eager, (q, k, v), scales):
+        assert actual.shape == like.shape and actual.dtype == like.dtype and not actual.isnan().any()
+        error, eager_error = relative_error(actual, exact), relative_error(f32.to(p.dtype), exact)
+        assert error <= max(TOLERANCE[p.dtype], 4 * eager_error, per_magnitude * size), \
+            f"{p}: grad_{name} error {error:.2e} (eager {eager_error:.2e})"
+    assert (grads[0][sees_no_key(p, mask)] == 0).all()
+
+
+def test_long_sequences_cross_every_block_phase(forward, backward):
+    """Lengths 2^k+17 with causal (both alignments), a window and GQA: the kernels' diagonal,
+    whole-block and edge phases all run."""
+    for sq, skv, causal, window, heads in ((273, 273, "upper_left", 0, (4, 2)), (145, 273, "lower_right", 70, (4, 1)),
+                                           (273, 145, "upper_left", 0, (2, 2))):
+        p = Problem(1, heads, sq, skv, (32, 16), torch.float32, causal, window, "none", (True,) * 4, False, False,
+                    1.0, "default", seed=sq + skv)
+        inputs, scale, grad_out = training_problem(p)
+        q, k, v, _ = inputs
+        kwargs = {"scale": scale, "causal": causal, "window": window}
+        out, lse = forward(q, k, v, None, None, **kwargs, with_lse=True)
+        grads = backward(q, k, v, out, grad_out, lse, None, **kwargs)
+        for actual, exact in zip(grads, exact_gradients(inputs, attributes(p, scale), grad_out, torch.float64)):
+            assert relative_error(actual, exact) <= TOLERANCE[torch.float32]
+
+
+# ---------------------------------------------------------------------------- compiled modules
+def training_module() -> Module:
+    """ft.attention with its lse, then ft.attention_grad, as a forward and backward graph would."""
+    module = Module.empty()
+    types = ["tensor<2x4x17x64xbf16>", "tensor<2x2x33x64xbf16>", "tensor<2x2x33x32xbf16>", "tensor<2x4x17x32xbf16>",
+             "tensor<2x1x17x33xi1>"]
+    _, block = new_function(module, "main", [parse_type(t) for t in types])
+    q, k, v, grad_out, mask = block.args
+    attrs = {"scale": 0.125, "causal": "lower_right", "window": 8, "has_mask": True}
+    builder = Builder(block)
+    forward = builder.create("ft.attention", [q, k, v, mask], {**attrs, "has_sinks": False, "with_lse": True})
+    out, lse = forward.results
+    grads = builder.create("ft.attention_grad", [q, k, v, out, grad_out, lse, mask], attrs).results
+    block.append(Operation("func.return", [out, *grads]))
+    verify(module)
+    return module
+
+
+def test_compiled_training_module_launches_both_kernels(backend):
+    plan = backend.compile(training_module(), backend.capabilities())
+    assert not plan.fallback_ops
+    assert "with_lse=True)" in plan.source and "= flash_attention_backward(" in plan.source
+    generator = torch.Generator().manual_seed(11)
+    inputs = [torch.randn(*shape, generator=generator).bfloat16()
+              for shape in ((2, 4, 17, 64), (2, 2, 33, 64), (2, 2, 33, 32), (2, 4, 17, 32))]
+    mask = torch.rand(2, 1, 17, 33, generator=generator) < 0.8
+    _, *grads = plan(*inputs, mask)
+    attrs = {"scale": 0.125, "causal": "lower_right", "window": 8, "has_mask": True, "has_sinks": False}
+    expected = exact_gradients([*inputs[:3], mask], attrs, inputs[3], torch.float64)
+    for actual, exact in zip(grads, expected):
+        assert relative_error(actual, exact) <= TOLERANCE[torch.bfloat16]
+
+
+def test_the_cpu_backend_runs_the_reference_backward_counted():
+    """The cpu backend has no backward kernel (nor a forward one returning lse): both ops run
+    their reference, and the plan counts them."""
+    from flagtree.backends.cpu import CpuBackend
+
+    backend = CpuBackend()
+    plan = backend.compile(training_module(), backend.capabilities())
+    assert sorted(name.split(" ")[0] for name in plan.fallback_ops) == ["ft.attention", "ft.attention_grad"]
+
+
+# ----------------------------------------------------------------------------------- configs
+def backward_shape(kernel: str, dqk: int = 128, dv: int = 128, dtype: str = "bf16") -> BackwardClass:
+    return BackwardClass(kernel, dtype, dqk, dv, True, False, False, 1, 4096, 4096)
+
+
+@pytest.mark.parametrize("caps", [InterpretBackend().capabilities(), HOPPER])
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (192, 128), (256, 256)])
+def test_backward_candidates_fit_the_target(caps, dims):
+    """Every candidate fits; only f32 at head dims 256/256 (64 KiB for 32 rows of q, k, v and
+    grad_out) has none in 48 KiB of shared memory, and the lowering then falls back."""
+    for kernel in ("kv", "q"):
+        for dtype in ("bf16", "f32"):
+            shape = backward_shape(kernel, *dims, dtype=dtype)
+            candidates = backward_candidates(shape, caps)
+            assert all(backward_fits(c, shape, caps) for c in candidates)
+            too_big = dtype == "f32" and dims == (256, 256) and caps.shared_memory_bytes < 64 * 1024
+            assert bool(candidates) != too_big
+
+
+def test_mqa_splits_the_group_until_the_gpu_is_full():
+    """DeepSeek-V4's one KV head over 64 query heads at 4096 keys: 32 key blocks alone would
+    leave most of 132 multiprocessors idle, so the group is split; multi-head attention is not."""
+    assert head_split_count(programs=32, group=64, caps=HOPPER) == 8
+    assert head_split_count(programs=32 * 16, group=1, caps=HOPPER) == 1
+    assert head_split_count(programs=32, group=3, caps=HOPPER) == 1
+
+
+def test_backward_kernels_compile_for_sm90_with_tensor_cores():
+    """Causal bf16 at head dim 128 and MLA's 192/128 with a bool mask: the Q and KV kernels
+    compile for Hopper with their dots on wgmma."""
+    CompileForSm90.compiled.clear()
+    backward = FlashAttentionBackward("sm90-compile-check", CompileForSm90, HOPPER)
+    for dqk, dv, mask in ((128, 128, None), (192, 128, torch.empty(1, 1, 256, 256, dtype=torch.bool))):
+        q, k = torch.empty(1, 4, 256, dqk, dtype=torch.bfloat16), torch.empty(1, 2, 256, dqk, dtype=torch.bfloat16)
+        v, out = torch.empty(1, 2, 256, dv, dtype=torch.bfloat16), torch.empty(1, 4, 256, dv, dtype=torch.bfloat16)
+        lse = torch.empty(1, 4, 256)
+        backward._chosen.update({backward_shape_of(q, k, v, mask, kernel): BackwardConfig(*tiles)
+                                 for kernel, tiles in (("kv", (32, 128, 8, 3)), ("q", (128, 64, 8, 3)))})
+        backward(q, k, v, out, out, lse, mask, scale=0.1, causal="upper_left", window=0)
+    assert len(CompileForSm90.compiled) == 4
+    assert all("wgmma.mma_async" in c.asm["ptx"] for c in CompileForSm90.compiled)
+
+
+def backward_shape_of(q, k, v, mask, kernel: str) -> BackwardClass:
+    return BackwardClass(kernel, "bf16", q.shape[3], v.shape[3], True, False, mask is not None,
+                         q.shape[1] // k.shape[1], q.shape[2], k.shape[2])
