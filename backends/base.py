@@ -69,6 +69,9 @@ class Backend(abc.ABC):
 
     name: str = ""
     priority: int = 0  # the highest-priority available backend that supports a device wins
+    # Its executables queue their work on the current CUDA stream, so mode="reduce-overhead" may
+    # record them into CUDA graphs (one that cannot be recorded still runs, without a graph).
+    cuda_graphs: bool = False
 
     @abc.abstractmethod
     def availability(self) -> Availability:

@@ -57,13 +57,13 @@ def build(model_name: str, dtype: torch.dtype, args: argparse.Namespace) -> tupl
     return ZOO[model_name](dtype=dtype, seed=SEED, device=args.device, batch=args.batch, seq=args.seq)
 
 
-def compiled(model: torch.nn.Module, backend: str) -> Callable:
-    """`model` as run by `backend` (one of BACKENDS)."""
+def compiled(model: torch.nn.Module, backend: str, mode: str | None = None) -> Callable:
+    """`model` as run by `backend` (one of BACKENDS), compiled with torch.compile's `mode`."""
     if backend == "eager":
         return model
     if backend == "inductor":
-        return torch.compile(model)
-    return torch.compile(model, backend="flagtree")
+        return torch.compile(model, mode=mode)
+    return torch.compile(model, backend="flagtree", mode=mode)
 
 
 def synchronize(device: str) -> None:
@@ -128,7 +128,7 @@ def measure_in_process(model_name: str, dtype: torch.dtype, args: argparse.Names
     for backend in BACKENDS:
         torch._dynamo.reset()
         flagtree.clear_reports()
-        fn = compiled(model, backend)
+        fn = compiled(model, backend, args.mode)
         _, output = first_call_seconds(fn, inputs, args.device)
         error = relative_l2(output, reference)
         row = {
@@ -250,6 +250,7 @@ def environment(args: argparse.Namespace, flagtree_backends: set[str]) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "iters": args.iters,
+        "mode": args.mode,
         "warmup_calls": WARMUP_CALLS,
         "flagtree_backends": sorted(flagtree_backends),
     }
@@ -265,6 +266,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="default 8 on cuda, 4 on cpu")
     parser.add_argument("--seq", type=int, default=MAX_SEQ, help=f"at most {MAX_SEQ} (the zoo's rotary tables)")
     parser.add_argument("--iters", type=int, default=100, help="timed calls per backend")
+    parser.add_argument("--mode", choices=("default", "reduce-overhead"), default=None,
+                        help="torch.compile's mode for both compiled backends (reduce-overhead: CUDA graphs)")
     parser.add_argument("--no-compile-times", action="store_true", help="skip the cold/warm subprocess probes")
     parser.add_argument("--probe-backend", choices=COMPILED_BACKENDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -302,7 +305,8 @@ def main() -> int:
                 rows.extend(measured)
     ratio_rows = ratios(rows)
     flagtree_backends = {row["flagtree_backend"] for row in rows if "flagtree_backend" in row}
-    print(f"device {args.device}, batch {args.batch}, seq {args.seq}, {args.iters} timed calls, "
+    print(f"device {args.device}, batch {args.batch}, seq {args.seq}, mode {args.mode or 'default'}, "
+          f"{args.iters} timed calls, "
           f"flagtree backend: {', '.join(sorted(flagtree_backends))}\n")
     print_tables(rows, ratio_rows)
     report = {"environment": environment(args, flagtree_backends), "results": rows, "ratios": ratio_rows}

@@ -119,7 +119,7 @@ def test_bad_options_and_modes_fail_the_compile_with_the_message():
     with pytest.raises(Exception, match="unknown flagtree option 'bogus'"):
         compile_and_run(model, inputs, bogus=1)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="mode 'max-autotune' is not supported by flagtree yet"):
+    with pytest.raises(Exception, match="mode 'max-autotune' is not supported by flagtree"):
         torch.compile(model, backend="flagtree", mode="max-autotune")(*inputs)
 
 

@@ -1,4 +1,5 @@
-"""The cuda backend on a real GPU: the example zoo against fp64.
+"""The cuda backend on a real GPU: the example zoo against fp64, also through CUDA graphs
+(mode="reduce-overhead").
 
 Skipped without a CUDA GPU (CI has none); run on the GPU machine with `python -m pytest -m gpu`.
 """
@@ -10,7 +11,9 @@ import torch
 
 import flagtree
 from examples.zoo import ZOO
+from flagtree.runtime.cudagraphs import CudaGraphRunner, cuda_graph_stats, reset_cuda_graph_stats
 from tests.frontend_helpers import assert_matches_fp64, fp64_twin
+from tests.test_training import assert_gradients_match_fp64, training_step
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -37,3 +40,91 @@ def test_zoo_on_cuda_matches_fp64(name, dtype):
     assert_matches_fp64(actual, _fp64_outputs(name, model, inputs), dtype, name)
     assert {r.backend for r in flagtree.reports()} == {"cuda"}
 
+
+
+# ------------------------------------------------------------------------ mode="reduce-overhead"
+@pytest.fixture
+def fresh_cuda_graph_stats():
+    flagtree.clear_reports()
+    reset_cuda_graph_stats()
+
+
+def _reduce_overhead(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    return torch.compile(model, backend="flagtree", mode="reduce-overhead", **kwargs)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_reduce_overhead_replays_match_fp64_and_leave_earlier_outputs_alone(name, fresh_cuda_graph_stats):
+    model, inputs = ZOO[name](device="cuda")
+    compiled = _reduce_overhead(model)
+    batches = [tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs) for _ in range(4)]
+    with torch.no_grad():
+        outputs = [compiled(*batch) for batch in batches]  # warm-up, record (and replay), replay, replay
+    for batch, output in zip(batches, outputs):
+        assert_matches_fp64(output, _fp64_outputs(name, model, batch), torch.float32, f"{name} reduce-overhead")
+    graphs = len(flagtree.reports())
+    stats = cuda_graph_stats()
+    assert stats.not_recorded == {}
+    assert (stats.recorded, stats.rerecorded, stats.replays) == (graphs, 0, 3 * graphs)
+    assert all(r.notes == ["cuda_graphs"] for r in flagtree.reports())
+
+
+def test_reduce_overhead_reads_parameters_in_place_and_records_a_moved_one_again(fresh_cuda_graph_stats):
+    model, (x,) = ZOO["mlp"](device="cuda")
+    compiled = _reduce_overhead(model)
+    with torch.no_grad():
+        compiled(x), compiled(x)
+        model.fc1.weight.mul_(2)  # an optimizer step: same address, read in place
+        assert_matches_fp64(compiled(x), _fp64_outputs("mlp", model, (x,)), torch.float32, "after an in-place update")
+        assert (cuda_graph_stats().recorded, cuda_graph_stats().rerecorded) == (1, 0)
+        model.fc1.weight.data = -model.fc1.weight.data  # the same parameter at a new address
+        for _ in range(2):
+            assert_matches_fp64(compiled(x), _fp64_outputs("mlp", model, (x,)), torch.float32, "after a move")
+    assert (cuda_graph_stats().recorded, cuda_graph_stats().rerecorded) == (2, 1)
+    assert len(flagtree.reports()) == 1, "moving a parameter recompiled"
+
+
+def test_reduce_overhead_records_a_dynamic_model_once_per_signature(fresh_cuda_graph_stats):
+    model, (x,) = ZOO["transformer_block"](device="cuda")
+    compiled = _reduce_overhead(model, dynamic=True)
+    with torch.no_grad():
+        for length in (8, 13, 8, 13, 8, 13):
+            xi = torch.randn(x.shape[0], length, x.shape[2], device="cuda")
+            assert_matches_fp64(compiled(xi), _fp64_outputs("transformer_block", model, (xi,)), torch.float32,
+                                f"transformer_block at length {length}")
+    assert len(flagtree.reports()) == 1, "the second length recompiled"
+    stats = cuda_graph_stats()
+    assert stats.not_recorded == {}
+    assert (stats.recorded, stats.replays) == (2, 4)
+
+
+def test_reduce_overhead_training_steps_match_fp64(fresh_cuda_graph_stats):
+    model, (x,) = ZOO["mlp"](device="cuda")
+    compiled = _reduce_overhead(model)
+    for step in range(3):
+        xi = torch.randn_like(x)
+        twin, twin_inputs = fp64_twin(model, (xi,))
+        _, reference_grads = training_step(twin, twin, twin_inputs)
+        model.zero_grad()
+        _, grads = training_step(model, compiled, (xi,))
+        assert_gradients_match_fp64(grads, reference_grads, torch.float32, f"reduce-overhead training step {step}")
+    stats = cuda_graph_stats()
+    assert stats.not_recorded == {}
+    assert (stats.recorded, stats.rerecorded, stats.replays) == (2, 0, 4)  # forward and backward
+
+
+def test_a_plan_that_waits_on_the_host_runs_without_cuda_graphs(fresh_cuda_graph_stats):
+    class WaitsOnTheHost:
+        backend = "test"
+
+        def __call__(self, x):
+            return [x * x.sum().item()]  # .item() synchronises: not allowed while recording
+
+    run = CudaGraphRunner(WaitsOnTheHost(), "graph_sync")
+    stream = torch.cuda.current_stream()
+    for _ in range(3):
+        x = torch.randn(64, device="cuda")
+        torch.testing.assert_close(run(x)[0], x * x.sum().item())
+    assert run.not_recorded is not None and run.not_recorded.startswith("recording failed: ")
+    assert cuda_graph_stats().not_recorded == {"graph_sync": run.not_recorded}
+    assert torch.cuda.current_stream() == stream, "the failed recording left its capture stream current"

@@ -180,15 +180,19 @@ def test_a_low_rank_mask_is_reshaped_to_rank_4_and_the_scale_is_kept(tmp_path):
     assert attention.attributes["scale"] == 0.3 and attention.attributes["causal"] == "none"
 
 
+@pytest.mark.parametrize("target", ["cpu", "interpret"])
 @pytest.mark.parametrize("name,model,kv_heads,mask", [
     ("plain", Attention(), 4, None),
     ("causal", Attention(is_causal=True), 4, None),
     ("gqa", Attention(enable_gqa=True, scale=0.2), 2, None),
     ("float-mask", Attention(), 4, torch.randn(5, 7, generator=torch.Generator().manual_seed(1))),
 ])
-def test_training_runs_the_fused_kernels_and_matches_fp64_gradients(name, model, kv_heads, mask):
-    """In training the forward's logsumexp feeds the backward op, so both stay torch's CPU
-    kernels, as counted ft.torch_calls; gradients agree with fp64."""
+def test_training_fuses_forward_and_backward_and_matches_fp64_gradients(name, model, kv_heads, mask, target):
+    """In training SDPA becomes flagtree::attention before aot_autograd (training_attention.py):
+    the forward graph holds one ft.attention with its lse, the backward one ft.attention_grad,
+    nothing falls back in the importer, and gradients agree with fp64.  The interpret backend
+    runs both on the Triton kernels; the cpu backend has neither kernel and reports running
+    their references."""
     generator = torch.Generator().manual_seed(2)
     shapes = [(2, 4, 5, 8), (2, kv_heads, 7, 8), (2, kv_heads, 7, 8)]
     inputs = [_random(s, torch.float32, generator).requires_grad_() for s in shapes]
@@ -196,14 +200,27 @@ def test_training_runs_the_fused_kernels_and_matches_fp64_gradients(name, model,
     extra = () if mask is None else (mask,)
     weights = torch.randn(2, 4, 5, 8, generator=generator, dtype=torch.float64)
     flagtree.clear_reports()
-    (torch.compile(model, backend="flagtree")(*inputs, *extra) * weights.float()).sum().backward()
+    compiled = torch.compile(model, backend="flagtree", options={"target": target})
+    (compiled(*inputs, *extra) * weights.float()).sum().backward()
     (model(*twins, *(m.double() for m in extra)) * weights).sum().backward()
     for name_, actual, twin in zip("qkv", inputs, twins):
         assert_matches_fp64(actual.grad, twin.grad, torch.float32, f"{name}: gradient of {name_}")
     forward, backward = sorted(flagtree.reports(), key=lambda r: r.graph.endswith("backward"))
-    assert forward.fallbacks == {ATTENTION: 1} and "attention" not in forward.fusions
-    assert forward.fallback_reasons[ATTENTION] == "its logsumexp feeds the backward pass"
-    assert backward.fallbacks == {ATTENTION.replace(".default", "_backward.default"): 1}
+    assert forward.fusions == {"attention": 1} and backward.fusions == {"attention_grad": 1}
+    assert forward.fallbacks == {} and backward.fallbacks == {}
+    kernel_fallbacks = sorted(op.split(" ")[0] for r in (forward, backward) for op in r.kernel_fallbacks)
+    assert kernel_fallbacks == ([] if target == "interpret" else ["ft.attention", "ft.attention_grad"])
+
+
+def test_training_with_dropout_keeps_torchs_kernels_counted():
+    """dropout_p > 0 is not routed to flagtree::attention: torch's fused kernel and its
+    backward stay, as counted ft.torch_calls."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (_random((2, 4, n, 8), torch.float32, generator).requires_grad_() for n in (5, 7, 7))
+    flagtree.clear_reports()
+    torch.compile(Attention(dropout_p=0.3), backend="flagtree")(q, k, v).sum().backward()
+    assert all("attention" not in r.fusions and "attention_grad" not in r.fusions for r in flagtree.reports())
+    assert any(r.fallbacks for r in flagtree.reports())
 
 
 def test_dropout_is_left_to_torchs_decomposition_and_matches_eager_for_the_same_seed():

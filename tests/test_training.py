@@ -18,7 +18,7 @@ def training_step(model, call, inputs) -> tuple[torch.Tensor, dict[str, torch.Te
     returns the output and each parameter's gradient."""
     output = call(*inputs)
     weights = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (output * weights.to(output.dtype)).sum().backward()
+    (output * weights.to(output.device, output.dtype)).sum().backward()
     return output, {name: p.grad for name, p in model.named_parameters()}
 
 

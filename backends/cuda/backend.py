@@ -16,6 +16,7 @@ class CudaBackend(TritonBackend):
     name = "cuda"
     priority = 100
     default_device = "cuda"
+    cuda_graphs = True
 
     def availability(self) -> Availability:
         if torch.version.hip:

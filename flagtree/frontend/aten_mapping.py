@@ -632,6 +632,33 @@ for _name, _form in _FUSED_ATTENTION.items():
     lowering(_name, ftir=_form.doc())(_fused_attention(_form))
 
 
+def _training_attention_attrs(ctx: FXImporter, args: dict[str, Any]) -> tuple[list[Value], dict[str, Any]]:
+    """The mask operands and the attributes of a flagtree::attention(_backward) call
+    (frontend/training_attention.py)."""
+    head_dim = ctx.value(args["q"]).type.shape[3]
+    if args["scale"] is None and head_dim is None:
+        raise Unmapped("SDPA's default scale of a symbolic head dim is only known at run time")
+    scale = float(args["scale"]) if args["scale"] is not None else float(1 / math.sqrt(head_dim))
+    masks = [] if args["mask"] is None else [_mask_rank4(ctx, ctx.value(args["mask"]))]
+    return masks, {"scale": scale, "causal": args["causal"], "window": 0, "has_mask": bool(masks)}
+
+
+@lowering("flagtree.attention.default", ftir="`ft.attention` with `with_lse` (SDPA in training; see "
+          "frontend/training_attention.py)")
+def _training_attention(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> list[Value | None]:
+    masks, attrs = _training_attention_attrs(ctx, args)
+    qkv = [ctx.value(args[name]) for name in ("q", "k", "v")]
+    op = ctx.emit_op("ft.attention", [*qkv, *masks], {**attrs, "has_sinks": False, "with_lse": True})
+    return list(op.results)
+
+
+@lowering("flagtree.attention_backward.default", ftir="`ft.attention_grad`")
+def _training_attention_backward(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> list[Value | None]:
+    masks, attrs = _training_attention_attrs(ctx, args)
+    operands = [ctx.value(args[name]) for name in ("q", "k", "v", "out", "grad_out", "lse")]
+    return list(ctx.emit_op("ft.attention_grad", [*operands, *masks], attrs).results)
+
+
 # --------------------------------------------------------------------------- shapes
 
 

@@ -27,7 +27,9 @@ from flagtree.frontend.aten_mapping import EXTRA_DECOMPOSITIONS, KEPT_FROM_DECOM
 from flagtree.frontend.attention_rank import lift_attention_to_rank4
 from flagtree.frontend.freezing import FrozenParameters, freeze_parameters
 from flagtree.frontend.graph_compiler import compile_aten_graph
-from flagtree.frontend.options import CompileOptions, check_mode
+from flagtree.frontend.options import REDUCE_OVERHEAD, CompileOptions, check_mode
+from flagtree.frontend.reduce_overhead import cuda_graph_request
+from flagtree.frontend.training_attention import route_training_attention
 
 _graph_ids = itertools.count()
 
@@ -51,11 +53,13 @@ def flagtree_backend(
             )
         gm, example_inputs, frozen = freeze_parameters(gm, example_inputs)
     lift_attention_to_rank4(gm)
+    route_training_attention(gm)
 
     def compiler(kind: str) -> Callable[[fx.GraphModule, Sequence[Any]], Any]:
         def compile_graph(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Any:
             constants = frozen.constants(gm) if frozen is not None and kind == "inference" else None
-            return compile_aten_graph(aten_gm, aten_inputs, f"graph_{graph_id}_{kind}", options, constants)
+            cuda_graphs = cuda_graph_request(kind) if mode == REDUCE_OVERHEAD else None
+            return compile_aten_graph(aten_gm, aten_inputs, f"graph_{graph_id}_{kind}", options, constants, cuda_graphs)
 
         return compile_graph
 

@@ -1,4 +1,5 @@
-"""Compile options: what `torch.compile(..., backend="flagtree", options={...})` accepts."""
+"""Compile options: what `torch.compile(..., backend="flagtree", options={...})` accepts, and
+which `mode=` values flagtree runs (`check_mode`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from flagtree.errors import OptionsError
 
 DUMP_DIR_ENV = "FLAGTREE_DUMP_DIR"
 BACKEND_ENV = "FLAGTREE_BACKEND"
-MODES = (None, "default")
+REDUCE_OVERHEAD = "reduce-overhead"
+MODES = (None, "default", REDUCE_OVERHEAD)
+# What to use instead of Inductor's autotuning modes: flagtree tunes its kernels the same way in every mode.
+_AUTOTUNE_MODES = {
+    "max-autotune": "mode='reduce-overhead' gives the CUDA graphs it also records",
+    "max-autotune-no-cudagraphs": "leave mode unset, which is the same thing here",
+}
 
 
 def _env(name: str) -> str | None:
@@ -90,9 +97,18 @@ def _check_type(name: str, value: Any, expected: Any) -> None:
 
 
 def check_mode(mode: str | None) -> None:
-    """torch.compile's `mode=`: flagtree accepts None and "default" for now."""
-    if mode not in MODES:
-        raise OptionsError(
-            f"mode '{mode}' is not supported by flagtree yet; valid modes: default "
-            "(\"reduce-overhead\" comes with the cuda backend's CUDA graphs)"
-        )
+    """torch.compile's `mode=`: None or "default", or "reduce-overhead", which records the
+    graphs the cuda backend runs into CUDA graphs (on other devices and backends they run
+    as usual, and each graph's report notes why).
+
+    The max-autotune modes are refused rather than run as another mode: flagtree tunes its
+    kernels the same way in every mode, so it would silently not do what the name promises.
+    """
+    if mode in MODES:
+        return
+    instead = _AUTOTUNE_MODES.get(mode)
+    why = f" (flagtree tunes its kernels the same way in every mode: {instead})" if instead else ""
+    raise OptionsError(
+        f"mode '{mode}' is not supported by flagtree{why}; valid modes: default, "
+        f"{REDUCE_OVERHEAD} (CUDA graphs on cuda)"
+    )
