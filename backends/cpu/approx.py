@@ -153,6 +153,7 @@ _RATIONAL = """\
     %bound = arith.constant {bound} : f32
     %nbound = arith.constant -{bound} : f32
     %tiny = arith.constant {tiny} : f32
+    %slope = arith.constant {slope} : f32
     %xl = arith.maxnumf %x, %nbound : f32
     %xc = arith.minnumf %xl, %bound : f32
     %x2 = arith.mulf %xc, %xc : f32
@@ -174,10 +175,8 @@ _RATIONAL = """\
 def _rational(name: str, bound: str, tiny: str, slope: float, p: tuple, q: tuple) -> str:
     numerator = "\n".join(_poly("%x2", p, "p"))
     denominator = "\n".join(_poly("%x2", q, "q"))
-    body = _RATIONAL.format(name=name, bound=bound, tiny=tiny, numerator=numerator, denominator=denominator)
-    slope_line = f"    %slope = arith.constant {format_float(slope)} : f32\n"
-    head, _, rest = body.partition("    %xl =")
-    return head + slope_line + "    %xl =" + rest
+    return _RATIONAL.format(name=name, bound=bound, tiny=tiny, slope=format_float(slope), numerator=numerator,
+                            denominator=denominator)
 
 
 FUNCTIONS: dict[str, str] = {
