@@ -79,7 +79,10 @@ def make_inputs(p: Problem) -> tuple[list[torch.Tensor | None], float]:
         keep[..., 0, :] = False  # a fully masked row
         mask = keep if p.mask == "bool" else torch.where(keep, torch.randn(shape, generator=generator),
                                                          torch.tensor(float("-inf"))).to(p.dtype)
-    sinks = torch.randn(hq, generator=generator) if p.sinks else None
+    sinks = None
+    if p.sinks:
+        sinks = torch.randn(hq, generator=generator)
+        sinks[torch.rand(hq, generator=generator) < 0.3] = float("-inf")  # a sink that adds nothing
     return [q, k, v, mask, sinks], scale
 
 

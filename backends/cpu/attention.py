@@ -43,7 +43,7 @@ from flagtree.backends.cpu import scalar_ops
 from flagtree.backends.cpu.emitter import EmittedKernel
 from flagtree.backends.cpu.host import host_cpu
 from flagtree.backends.cpu.kernel import WorkItems
-from flagtree.backends.cpu.mlir_text import FunctionWriter, UnsupportedError, compute_type, memref_type, storage_type
+from flagtree.backends.cpu.mlir_text import FunctionWriter, compute_type, memref_type, storage_type
 from flagtree.ir.core import Operation
 from flagtree.ir.types import ScalarType, TensorType
 
@@ -78,8 +78,6 @@ class AttentionTiles:
 def emit_attention(op: Operation, name: str) -> EmittedKernel:
     """The MLIR function computing one ft.attention op.  It takes q, k, v, [mask], [sinks]
     (memrefs), the output memref, then the range `%lo, %hi` of work items (see work_items)."""
-    if op.attributes.get("with_lse", False):
-        raise UnsupportedError("the cpu attention kernel does not return the log-sum-exp training saves")
     return _AttentionEmitter(op, name).emit()
 
 
@@ -117,6 +115,7 @@ class _AttentionEmitter:
         self.mask = operands[3] if self.attrs["has_mask"] else None
         self.sinks = operands[-1] if self.attrs["has_sinks"] else None
         self.out = self._parameter("%out0", self.op.results[0].type)
+        self.lse = self._parameter("%out1", self.op.results[1].type) if len(self.op.results) > 1 else None
         self.params += ["%lo: index", "%hi: index"]
         self._sizes()
         self._buffers()
@@ -223,11 +222,14 @@ class _AttentionEmitter:
                    f"memref<?x{self.rows}x{c}>, {self.row_vector}")
 
     def _start_from_sink(self, r: str, head: str) -> None:
-        """m = the sink logit, l = exp(sink - m) = 1.  A -inf sink adds nothing: the first
-        visible score's α = exp(-inf - s) = 0 clears l, and a row that sees no key has Acc = 0."""
-        w = self.w
-        w.line(f"memref.store {self._load(self.sinks, [head])}, {self.m}[{r}] : {self._state_type}")
-        w.line(f"memref.store {self._float(1.0)}, {self.l}[{r}] : {self._state_type}")
+        """m = the sink logit, l = exp(sink - m) = 1; a -inf sink adds nothing: l = 0 (so a row
+        that sees no key keeps l = 0, which its output and lse read as "saw nothing")."""
+        w, c = self.w, self.compute
+        sink = self._load(self.sinks, [head])
+        adds_nothing = w.emit(f"arith.cmpf oeq, {sink}, {self._float(-math.inf)} : {c}")
+        weight = w.emit(f"arith.select {adds_nothing}, {self._float(0.0)}, {self._float(1.0)} : {c}")
+        w.line(f"memref.store {sink}, {self.m}[{r}] : {self._state_type}")
+        w.line(f"memref.store {weight}, {self.l}[{r}] : {self._state_type}")
 
     def _query_range(self) -> tuple[str, str]:
         """The smallest and largest query index among the block's rows: their own when the
@@ -416,10 +418,22 @@ class _AttentionEmitter:
             seen = w.emit(f"arith.cmpf ogt, {total}, {self._float(0.0)} : {c}")
             inverse = w.emit(f"arith.divf {self._float(1.0)}, {total} : {c}")
             factor = w.emit(f"arith.select {seen}, {inverse}, {self._float(0.0)} : {c}")
+            if self.lse is not None:
+                self._store_lse(r, head, query, seen, total)
             with self._for(0, self.v_dim) as d:
                 value = w.emit(f"memref.load {self.acc_t}[{d}, {r}] : memref<?x{self.rows}x{c}>")
                 result = self._narrow(w.emit(f"arith.mulf {value}, {factor} : {c}"))
                 w.line(f"memref.store {result}, {self.out.ssa}[{self.b}, {head}, {query}, {d}] : {self.out.type}")
+
+    def _store_lse(self, r: str, head: str, query: str, seen: str, total: str) -> None:
+        """lse[row r] = m[r] + log(l[r]); +inf for a row whose weights sum to 0."""
+        w, c = self.w, self.compute
+        dtype = ScalarType(c)
+        safe_total = w.emit(f"arith.select {seen}, {total}, {self._float(1.0)} : {c}")
+        log_total = scalar_ops.lower(w, "ft.log", [(safe_total, dtype)], dtype, {})
+        lse = w.emit(f"arith.addf {self._row_state(self.m, r)}, {log_total} : {c}")
+        value = w.emit(f"arith.select {seen}, {lse}, {self._float(math.inf)} : {c}")
+        w.line(f"memref.store {value}, {self.lse.ssa}[{self.b}, {head}, {query}] : {self.lse.type}")
 
     # ------------------------------------------------------------------ building blocks
     def _rank_one_updates(self, lower: int | str, upper: str, starts: list[str], row: Callable[[str], str],

@@ -133,9 +133,9 @@ def _mask_scores(scores, visible, mask, mask_offsets, HAS_MASK: tl.constexpr, MA
 
 def _initial_max(sinks, head, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr):
     """The running max and denominator before any key: the sink's logit and 1, or -inf and 0."""
-    if HAS_SINKS:
+    if HAS_SINKS:  # a sink of -inf adds nothing (and a row that sees no key then has denominator 0)
         m = tl.load(sinks + head).to(tl.float32) * LOG2E
-        denominator = tl.full([BLOCK_M], 1.0, tl.float32)
+        denominator = tl.where(m == float("-inf"), 0.0, tl.full([BLOCK_M], 1.0, tl.float32))
     else:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         denominator = tl.zeros([BLOCK_M], tl.float32)
