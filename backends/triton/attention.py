@@ -105,11 +105,7 @@ class AttentionClass:
 
     @property
     def qk_blocks(self) -> tuple[int, int]:
-        """The qk head dim as two power-of-two column blocks: the largest power of two ≤ Dqk,
-        then the remainder rounded up (0 when Dqk is a power of two): 192 → (128, 64)."""
-        first = max(MIN_DOT, 1 << (self.head_dqk.bit_length() - 1))
-        rest = self.head_dqk - first
-        return first, (max(MIN_DOT, 1 << (rest - 1).bit_length()) if rest > 0 else 0)
+        return qk_column_blocks(self.head_dqk)
 
     @property
     def v_block(self) -> int:
@@ -143,6 +139,14 @@ class AttentionConfig:
     num_stages: int
     dim_chunk: int = 0
     tma: bool = False  # online kernel: K/V blocks through tensor descriptors (the copy engine) instead of pointers
+
+
+def qk_column_blocks(head_dqk: int) -> tuple[int, int]:
+    """The qk head dim as two power-of-two column blocks: the largest power of two ≤ Dqk,
+    then the remainder rounded up (0 when Dqk is a power of two): 192 → (128, 64)."""
+    first = max(MIN_DOT, 1 << (head_dqk.bit_length() - 1))
+    rest = head_dqk - first
+    return first, (max(MIN_DOT, 1 << (rest - 1).bit_length()) if rest > 0 else 0)
 
 
 def attention_class(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str, window: int,

@@ -15,7 +15,8 @@ When the KV kernel's programs would leave most multiprocessors idle (MQA: one KV
 many query heads) the group is split across programs, each writing f32 partial sums that are
 added afterwards.
 
-Head dims are padded to a power of two (≥ 16) per tile; dims above MAX_HEAD_DIM, f64 and
+The qk head dim is held as two power-of-two column blocks as in the forward (192 = 128 + 64),
+the v head dim padded to a power of two (≥ 16); dims above MAX_HEAD_DIM, f64 and
 dynamic head dims raise UnsupportedRegion (the op then runs its reference, counted).
 Configurations come from the target's capabilities like the forward's, and on a GPU each
 kernel's is timed once per shape class and remembered (`attention-tuning` namespace).
@@ -42,6 +43,7 @@ from flagtree.backends.triton.attention import (
     dtype_name,
     kernels_for,
     power_of_two_at_least,
+    qk_column_blocks,
     strides_of,
 )
 from flagtree.backends.triton.library import Jit
@@ -82,7 +84,8 @@ class BackwardClass:
 
     @property
     def dqk(self) -> int:
-        return max(MIN_DOT, power_of_two_at_least(self.head_dqk))
+        """The columns the kernels hold for the qk head dim: two power-of-two blocks (192 = 128 + 64)."""
+        return sum(qk_column_blocks(self.head_dqk))
 
     @property
     def dv(self) -> int:
@@ -219,8 +222,8 @@ class _Call:
             **strides_of("m", expanded_mask.stride() if mask is not None else (0, 0, 0, 0)),
             **strides_of("g", grad_out.stride()),
             qk_scale=scale * math.log2(math.e), scale=scale, causal_offset=skv - sq if causal == "lower_right" else 0,
-            window=window, HEAD_DQK=q.shape[3], HEAD_DV=v.shape[3],
-            DQK=max(MIN_DOT, power_of_two_at_least(q.shape[3])), DV=max(MIN_DOT, power_of_two_at_least(v.shape[3])),
+            window=window, HEAD_DQK=q.shape[3], HEAD_DV=v.shape[3], DQK1=qk_column_blocks(q.shape[3])[0],
+            DQK2=qk_column_blocks(q.shape[3])[1] or MIN_DOT, DV=max(MIN_DOT, power_of_two_at_least(v.shape[3])),
             CAUSAL=causal != "none", WINDOW=window > 0, HAS_MASK=mask is not None,
             MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool, DOT_DTYPE=dot_dtype(self.kernels, q.dtype),
         )

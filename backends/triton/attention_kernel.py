@@ -439,14 +439,16 @@ def attention_backward_kv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     qk_scale, scale, causal_offset, window,
-    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, DQK1: tl.constexpr, DQK2: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
     """grad_k and grad_v of one block of BLOCK_N keys of one KV head, summed over the query heads
     of its group (axis 1 also splits the group `head_splits` ways; each split writes its own
-    partial sums, batch index split·batches + batch, which the caller adds up)."""
+    partial sums, batch index split·batches + batch, which the caller adds up).  The qk head dim
+    is two column blocks DQK1 + DQK2 as in the forward (DQK2 unused when DQK1 covers it)."""
+    SPLIT_QK: tl.constexpr = DQK1 < HEAD_DQK
     start_n = tl.program_id(0) * BLOCK_N
     index = tl.program_id(1)
     split = index % head_splits
@@ -455,13 +457,18 @@ def attention_backward_kv(
     heads_per_split = group // head_splits
     key = start_n + tl.arange(0, BLOCK_N)
     key_valid = key < Skv
-    cols_qk = tl.arange(0, DQK)
+    cols1 = tl.arange(0, DQK1)
+    cols2 = DQK1 + tl.arange(0, DQK2)
     cols_v = tl.arange(0, DV)
-    k_tile = _load_tile(k + batch * stride_kb + kv_head * stride_kh + key.to(tl.int64)[:, None] * stride_kn
-                        + cols_qk[None, :] * stride_kd, key_valid, cols_qk, HEAD_DQK, DQK, True, DOT_DTYPE)
+    k_rows = k + batch * stride_kb + kv_head * stride_kh + key.to(tl.int64)[:, None] * stride_kn
+    k1 = _load_tile(k_rows + cols1[None, :] * stride_kd, key_valid, cols1, HEAD_DQK, DQK1, True, DOT_DTYPE)
+    grad_k1 = tl.zeros([BLOCK_N, DQK1], tl.float32)
+    if SPLIT_QK:
+        k2 = _load_tile(k_rows + cols2[None, :] * stride_kd, key_valid, cols2, HEAD_DQK, DQK1 + DQK2, True,
+                        DOT_DTYPE)
+        grad_k2 = tl.zeros([BLOCK_N, DQK2], tl.float32)
     v_tile = _load_tile(v + batch * stride_vb + kv_head * stride_vh + key.to(tl.int64)[:, None] * stride_vn
                         + cols_v[None, :] * stride_vd, key_valid, cols_v, HEAD_DV, DV, True, DOT_DTYPE)
-    grad_k_acc = tl.zeros([BLOCK_N, DQK], tl.float32)
     grad_v_acc = tl.zeros([BLOCK_N, DV], tl.float32)
 
     # [lo, hi): the query rows that see some key of the block; [clean_lo, clean_hi) (on the grid
@@ -506,13 +513,18 @@ def attention_backward_kv(
                 for start_m in tl.range(start, stop, BLOCK_M):
                     position = start_m + rows
                     row_valid = position < Sq
-                    q_tile = _load_tile(q_head + position.to(tl.int64)[:, None] * stride_qs + cols_qk[None, :]
-                                        * stride_qd, row_valid, cols_qk, HEAD_DQK, DQK, masked, DOT_DTYPE)
+                    q_rows = q_head + position.to(tl.int64)[:, None] * stride_qs
+                    q1 = _load_tile(q_rows + cols1[None, :] * stride_qd, row_valid, cols1, HEAD_DQK, DQK1, masked,
+                                    DOT_DTYPE)
                     g_tile = _load_tile(g_head + position.to(tl.int64)[:, None] * stride_gs + cols_v[None, :]
                                         * stride_gd, row_valid, cols_v, HEAD_DV, DV, masked, DOT_DTYPE)
                     lse2 = tl.load(lse + row_stats + position, mask=row_valid, other=float("inf")) * LOG2E
                     row_delta = tl.load(delta + row_stats + position, mask=row_valid, other=0.0)
-                    scores_t = tl.dot(k_tile, tl.trans(q_tile), input_precision="ieee")  # [keys, rows]
+                    scores_t = tl.dot(k1, tl.trans(q1), input_precision="ieee")  # [keys, rows]
+                    if SPLIT_QK:
+                        q2 = _load_tile(q_rows + cols2[None, :] * stride_qd, row_valid, cols2, HEAD_DQK,
+                                        DQK1 + DQK2, True, DOT_DTYPE)
+                        scores_t = tl.dot(k2, tl.trans(q2), scores_t, input_precision="ieee")
                     if masked or HAS_MASK:
                         visible = _visible(key[:, None], position[None, :], row_valid[None, :], Skv, causal_offset,
                                            window, CAUSAL, WINDOW)
@@ -526,13 +538,18 @@ def attention_backward_kv(
                                         input_precision="ieee")
                     grad_p_t = tl.dot(v_tile, tl.trans(g_tile), input_precision="ieee")
                     grad_s_t = p_t * (grad_p_t - row_delta[None, :])
-                    grad_k_acc = tl.dot(grad_s_t.to(q.dtype.element_ty).to(DOT_DTYPE), q_tile, grad_k_acc,
-                                        input_precision="ieee")
+                    grad_s_t = grad_s_t.to(q.dtype.element_ty).to(DOT_DTYPE)
+                    grad_k1 = tl.dot(grad_s_t, q1, grad_k1, input_precision="ieee")
+                    if SPLIT_QK:
+                        grad_k2 = tl.dot(grad_s_t, q2, grad_k2, input_precision="ieee")
 
     out_batch = split * batches + batch
-    tl.store(grad_k + out_batch * stride_dkb + kv_head * stride_dkh + key.to(tl.int64)[:, None] * stride_dkn
-             + cols_qk[None, :] * stride_dkd, (grad_k_acc * scale).to(grad_k.dtype.element_ty),
-             mask=key_valid[:, None] & (cols_qk[None, :] < HEAD_DQK))
+    grad_k_rows = grad_k + out_batch * stride_dkb + kv_head * stride_dkh + key.to(tl.int64)[:, None] * stride_dkn
+    tl.store(grad_k_rows + cols1[None, :] * stride_dkd, (grad_k1 * scale).to(grad_k.dtype.element_ty),
+             mask=key_valid[:, None] & (cols1[None, :] < HEAD_DQK))
+    if SPLIT_QK:
+        tl.store(grad_k_rows + cols2[None, :] * stride_dkd, (grad_k2 * scale).to(grad_k.dtype.element_ty),
+                 mask=key_valid[:, None] & (cols2[None, :] < HEAD_DQK))
     tl.store(grad_v + out_batch * stride_dvb + kv_head * stride_dvh + key.to(tl.int64)[:, None] * stride_dvn
              + cols_v[None, :] * stride_dvd, grad_v_acc.to(grad_v.dtype.element_ty),
              mask=key_valid[:, None] & (cols_v[None, :] < HEAD_DV))
@@ -549,7 +566,7 @@ def attention_backward_q(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     qk_scale, scale, causal_offset, window,
-    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, DQK1: tl.constexpr, DQK2: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -557,6 +574,7 @@ def attention_backward_q(
     """grad_q of BLOCK_M query rows of one head: the forward's key loop (same phases) with
     p recomputed from lse.  It also stores each row's D = Σ_d grad_out·out, which
     attention_backward_kv reads (so it runs first)."""
+    SPLIT_QK: tl.constexpr = DQK1 < HEAD_DQK
     m_tiles = tl.cdiv(Sq, BLOCK_M)
     m_tile = tl.program_id(0)
     if CAUSAL:  # the longest rows first
@@ -569,10 +587,16 @@ def attention_backward_q(
     last_position = tl.minimum(first_position + BLOCK_M, Sq) - 1
     position = first_position + tl.arange(0, BLOCK_M)
     row_valid = position < Sq
-    cols_qk = tl.arange(0, DQK)
+    cols1 = tl.arange(0, DQK1)
+    cols2 = DQK1 + tl.arange(0, DQK2)
     cols_v = tl.arange(0, DV)
-    q_tile = _load_tile(q + batch * stride_qb + head * stride_qh + position.to(tl.int64)[:, None] * stride_qs
-                        + cols_qk[None, :] * stride_qd, row_valid, cols_qk, HEAD_DQK, DQK, True, DOT_DTYPE)
+    q_rows = q + batch * stride_qb + head * stride_qh + position.to(tl.int64)[:, None] * stride_qs
+    q1 = _load_tile(q_rows + cols1[None, :] * stride_qd, row_valid, cols1, HEAD_DQK, DQK1, True, DOT_DTYPE)
+    acc1 = tl.zeros([BLOCK_M, DQK1], tl.float32)
+    if SPLIT_QK:
+        q2 = _load_tile(q_rows + cols2[None, :] * stride_qd, row_valid, cols2, HEAD_DQK, DQK1 + DQK2, True,
+                        DOT_DTYPE)
+        acc2 = tl.zeros([BLOCK_M, DQK2], tl.float32)
     g_tile = _load_tile(grad_out + batch * stride_gb + head * stride_gh + position.to(tl.int64)[:, None] * stride_gs
                         + cols_v[None, :] * stride_gd, row_valid, cols_v, HEAD_DV, DV, True, DOT_DTYPE)
     o_tile = _load_tile(out + batch * stride_ob + head * stride_oh + position.to(tl.int64)[:, None] * stride_os
@@ -591,7 +615,6 @@ def attention_backward_q(
     v_head = v + batch * stride_vb + kv_head * stride_vh
     mask_rows = (batch * stride_mb + head * stride_mh + position.to(tl.int64) * stride_ms)[:, None]
     keys = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, DQK], tl.float32)
     for phase in tl.static_range(3):
         # 0: the window's partly hidden first blocks; 1: blocks every row sees whole; 2: diagonal and end
         masked = phase != 1
@@ -608,11 +631,16 @@ def attention_backward_q(
             for start_n in tl.range(start, stop, BLOCK_N):
                 key = start_n + keys
                 key_valid = key < Skv
-                k_tile = _load_tile(k_head + key.to(tl.int64)[:, None] * stride_kn + cols_qk[None, :] * stride_kd,
-                                    key_valid, cols_qk, HEAD_DQK, DQK, masked, DOT_DTYPE)
+                k_rows = k_head + key.to(tl.int64)[:, None] * stride_kn
+                k1 = _load_tile(k_rows + cols1[None, :] * stride_kd, key_valid, cols1, HEAD_DQK, DQK1, masked,
+                                DOT_DTYPE)
                 v_tile = _load_tile(v_head + key.to(tl.int64)[:, None] * stride_vn + cols_v[None, :] * stride_vd,
                                     key_valid, cols_v, HEAD_DV, DV, masked, DOT_DTYPE)
-                scores = tl.dot(q_tile, tl.trans(k_tile), input_precision="ieee")
+                scores = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+                if SPLIT_QK:
+                    k2 = _load_tile(k_rows + cols2[None, :] * stride_kd, key_valid, cols2, HEAD_DQK, DQK1 + DQK2,
+                                    True, DOT_DTYPE)
+                    scores = tl.dot(q2, tl.trans(k2), scores, input_precision="ieee")
                 if masked or HAS_MASK:
                     visible = _visible(key[None, :], position[:, None], row_valid[:, None], Skv, causal_offset,
                                        window, CAUSAL, WINDOW)
@@ -623,7 +651,13 @@ def attention_backward_q(
                     p = tl.math.exp2(scores * qk_scale - lse2[:, None])
                 grad_p = tl.dot(g_tile, tl.trans(v_tile), input_precision="ieee")
                 grad_s = p * (grad_p - row_delta[:, None])
-                acc = tl.dot(grad_s.to(q.dtype.element_ty).to(DOT_DTYPE), k_tile, acc, input_precision="ieee")
-    tl.store(grad_q + batch * stride_dqb + head * stride_dqh + position.to(tl.int64)[:, None] * stride_dqs
-             + cols_qk[None, :] * stride_dqd, (acc * scale).to(grad_q.dtype.element_ty),
-             mask=row_valid[:, None] & (cols_qk[None, :] < HEAD_DQK))
+                grad_s = grad_s.to(q.dtype.element_ty).to(DOT_DTYPE)
+                acc1 = tl.dot(grad_s, k1, acc1, input_precision="ieee")
+                if SPLIT_QK:
+                    acc2 = tl.dot(grad_s, k2, acc2, input_precision="ieee")
+    grad_q_rows = grad_q + batch * stride_dqb + head * stride_dqh + position.to(tl.int64)[:, None] * stride_dqs
+    tl.store(grad_q_rows + cols1[None, :] * stride_dqd, (acc1 * scale).to(grad_q.dtype.element_ty),
+             mask=row_valid[:, None] & (cols1[None, :] < HEAD_DQK))
+    if SPLIT_QK:
+        tl.store(grad_q_rows + cols2[None, :] * stride_dqd, (acc2 * scale).to(grad_q.dtype.element_ty),
+                 mask=row_valid[:, None] & (cols2[None, :] < HEAD_DQK))
