@@ -212,6 +212,35 @@ def test_training_fuses_forward_and_backward_and_matches_fp64_gradients(name, mo
     assert kernel_fallbacks == ([] if target == "interpret" else ["ft.attention_grad"])
 
 
+class CausalAttention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("case", ["rank-3", "dynamic"])
+def test_training_fuses_rank3_inputs_and_run_time_scales(case):
+    """Rank-3 q, k, v (lifted to rank 4 first) and dynamic shapes, where the default scale
+    1/sqrt(Dqk) of a symbolic head dim is known only at run time (q is scaled, and its gradient
+    by the same), both train through ft.attention and ft.attention_grad; one compile serves
+    every length and head dim, and gradients match fp64."""
+    generator = torch.Generator().manual_seed(6)
+    compiled = torch.compile(CausalAttention(), backend="flagtree", options={"target": "interpret"},
+                             dynamic=case == "dynamic")
+    flagtree.clear_reports()
+    shapes = [(2, 9, 8)] if case == "rank-3" else [(1, 2, 9, 8), (1, 2, 13, 8), (1, 2, 7, 16)]
+    for shape in shapes:
+        inputs = [_random(shape, torch.float32, generator).requires_grad_() for _ in range(3)]
+        twins = [t.detach().double().requires_grad_() for t in inputs]
+        weights = torch.randn(shape, generator=generator, dtype=torch.float64)
+        (compiled(*inputs) * weights.float()).sum().backward()
+        (CausalAttention()(*twins) * weights).sum().backward()
+        for name, actual, twin in zip("qkv", inputs, twins):
+            assert_matches_fp64(actual.grad, twin.grad, torch.float32, f"{case} {shape}: gradient of {name}")
+    forward, backward = sorted(flagtree.reports(), key=lambda r: r.graph.endswith("backward"))
+    assert forward.fusions.get("attention") == 1 and backward.fusions.get("attention_grad") == 1
+    assert forward.fallbacks == {} and backward.fallbacks == {}
+
+
 def test_training_with_dropout_keeps_torchs_kernels_counted():
     """dropout_p > 0 is not routed to flagtree::attention: torch's fused kernel and its
     backward stay, as counted ft.torch_calls."""

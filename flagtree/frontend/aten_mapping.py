@@ -596,17 +596,18 @@ def _check_attention_mappable(node: fx.Node, args: dict[str, Any]) -> None:
         raise Unmapped(f"its {', '.join(extra)} {'feeds' if len(extra) == 1 else 'feed'} the backward pass")
 
 
-def _scaled_query(ctx: FXImporter, q: Value, query: fx.Node, scale: Any) -> tuple[Value, float]:
-    """q and ft.attention's scale attribute. A scale only run time knows (a SymFloat argument, or
-    the default 1/sqrt(Dqk) of a symbolic head dim) multiplies q instead, and the attribute is 1."""
+def _scaled_query(ctx: FXImporter, q: Value, query: fx.Node, scale: Any) -> tuple[Value, float, Value | None]:
+    """q, ft.attention's scale attribute, and the run-time scale (None unless needed). A scale
+    only run time knows (a SymFloat argument, or the default 1/sqrt(Dqk) of a symbolic head dim)
+    multiplies q instead, and the attribute is 1."""
     if isinstance(scale, fx.Node):
         run_time = ctx.scalar_value(scale, F64)
     elif scale is None and q.type.shape[3] is None:
         (head_dim,) = ctx.sizes_of(query.meta["val"].shape[-1:])
         run_time = ctx.emit("ft.pow", [ctx.cast(head_dim, F64), ctx.scalar_value(-0.5, F64)])
     else:
-        return q, float(1 / math.sqrt(q.type.shape[3]) if scale is None else scale)
-    return ctx.emit("ft.mul", [q, ctx.cast(run_time, q.type.dtype)]), 1.0
+        return q, float(1 / math.sqrt(q.type.shape[3]) if scale is None else scale), None
+    return ctx.emit("ft.mul", [q, ctx.cast(run_time, q.type.dtype)]), 1.0, run_time
 
 
 def _fused_attention(form: _FusedAttention) -> Lower:
@@ -616,7 +617,7 @@ def _fused_attention(form: _FusedAttention) -> Lower:
         q, k, v = (ctx.value(args[name]) for name in ("query", "key", "value"))
         if not form.heads_first:
             q, k, v = (_transpose_to(ctx, x, [0, 2, 1, 3]) for x in (q, k, v))
-        q, scale = _scaled_query(ctx, q, args["query"], args["scale"])
+        q, scale, _ = _scaled_query(ctx, q, args["query"], args["scale"])
         mask = args[form.mask] if form.mask else None
         masks = [] if mask is None else [_mask_rank4(ctx, ctx.value(mask))]
         attrs = {"scale": scale, "causal": causal, "window": 0, "has_mask": bool(masks), "has_sinks": False}
@@ -632,31 +633,33 @@ for _name, _form in _FUSED_ATTENTION.items():
     lowering(_name, ftir=_form.doc())(_fused_attention(_form))
 
 
-def _training_attention_attrs(ctx: FXImporter, args: dict[str, Any]) -> tuple[list[Value], dict[str, Any]]:
-    """The mask operands and the attributes of a flagtree::attention(_backward) call
-    (frontend/training_attention.py)."""
-    head_dim = ctx.value(args["q"]).type.shape[3]
-    if args["scale"] is None and head_dim is None:
-        raise Unmapped("SDPA's default scale of a symbolic head dim is only known at run time")
-    scale = float(args["scale"]) if args["scale"] is not None else float(1 / math.sqrt(head_dim))
+def _training_attention_operands(ctx: FXImporter, args: dict[str, Any]) -> tuple[Value, list[Value], dict[str, Any],
+                                                                                Value | None]:
+    """q (scaled when only run time knows the scale), the mask operands, the attributes and the
+    run-time scale of a flagtree::attention(_backward) call (frontend/training_attention.py)."""
+    q, scale, run_time = _scaled_query(ctx, ctx.value(args["q"]), args["q"], args["scale"])
     masks = [] if args["mask"] is None else [_mask_rank4(ctx, ctx.value(args["mask"]))]
-    return masks, {"scale": scale, "causal": args["causal"], "window": 0, "has_mask": bool(masks)}
+    return q, masks, {"scale": scale, "causal": args["causal"], "window": 0, "has_mask": bool(masks)}, run_time
 
 
 @lowering("flagtree.attention.default", ftir="`ft.attention` with `with_lse` (SDPA in training; see "
           "frontend/training_attention.py)")
 def _training_attention(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> list[Value | None]:
-    masks, attrs = _training_attention_attrs(ctx, args)
-    qkv = [ctx.value(args[name]) for name in ("q", "k", "v")]
-    op = ctx.emit_op("ft.attention", [*qkv, *masks], {**attrs, "has_sinks": False, "with_lse": True})
+    q, masks, attrs, _ = _training_attention_operands(ctx, args)
+    kv = [ctx.value(args[name]) for name in ("k", "v")]
+    op = ctx.emit_op("ft.attention", [q, *kv, *masks], {**attrs, "has_sinks": False, "with_lse": True})
     return list(op.results)
 
 
-@lowering("flagtree.attention_backward.default", ftir="`ft.attention_grad`")
+@lowering("flagtree.attention_backward.default", ftir="`ft.attention_grad` (q scaled by a run-time scale, "
+          "and its gradient by the same, when only run time knows the scale)")
 def _training_attention_backward(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> list[Value | None]:
-    masks, attrs = _training_attention_attrs(ctx, args)
-    operands = [ctx.value(args[name]) for name in ("q", "k", "v", "out", "grad_out", "lse")]
-    return list(ctx.emit_op("ft.attention_grad", [*operands, *masks], attrs).results)
+    q, masks, attrs, run_time = _training_attention_operands(ctx, args)
+    operands = [q, *(ctx.value(args[name]) for name in ("k", "v", "out", "grad_out", "lse"))]
+    grad_q, grad_k, grad_v = ctx.emit_op("ft.attention_grad", [*operands, *masks], attrs).results
+    if run_time is not None:  # the gradient of q·s with respect to q
+        grad_q = ctx.emit("ft.mul", [grad_q, ctx.cast(run_time, grad_q.type.dtype)])
+    return [grad_q, grad_k, grad_v]
 
 
 # --------------------------------------------------------------------------- shapes

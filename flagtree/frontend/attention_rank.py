@@ -54,6 +54,8 @@ def _lift(graph: fx.Graph, node: fx.Node) -> None:
     query = _argument(node, 0)
     with graph.inserting_before(node):
         lifted = {arg: graph.call_function(torch.unsqueeze, (arg, 0)) for arg in _rank3_args(node)}
+    for arg, new in lifted.items():  # later graph passes read ranks from the example values
+        new.meta["example_value"] = arg.meta["example_value"].unsqueeze(0)
     node.args = tuple(lifted.get(a, a) if i < len(_TENSOR_ARGS) else a for i, a in enumerate(node.args))
     node.kwargs = {k: lifted.get(a, a) if k in _TENSOR_ARGS else a for k, a in node.kwargs.items()}
     new_nodes = list(lifted.values())

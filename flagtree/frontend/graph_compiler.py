@@ -105,8 +105,9 @@ def compile_aten_graph(
             dump.write("output.ftir", print_module(module, print_locations=True))
         executable = backend.compile(module, capabilities)
     report = _report(graph, backend.name, module, pipeline, pass_times, imported.fallback_reasons, dump)
+    # ft.torch_calls are already in report.fallbacks (the plan names them aten::op, reports aten.op)
     report.kernel_fallbacks = {op: n for op, n in getattr(executable, "fallback_ops", {}).items()
-                               if op not in report.fallbacks}
+                               if op.replace("::", ".") not in report.fallbacks}
     if cuda_graphs is not None:
         executable, note = with_cuda_graphs(executable, graph, backend, example_inputs, imported.arg_indices,
                                             cuda_graphs)
