@@ -526,9 +526,13 @@ class _Matcher:
         while True:
             users = value.uses
             if len(users) != 1:
-                others = ", ".join(sorted({u.name for u, _ in users})) or "nothing"
-                raise NearMiss(f"the probabilities are used by {len(users)} ops ({others}), not only by the p·v "
-                               f"matmul (e.g. returned attention weights)")
+                names = {u.name for u, _ in users}
+                why = ("returned attention weights, or a training forward graph saving them for the backward "
+                       "pass: F.scaled_dot_product_attention trains with fused kernels" if "func.return" in names
+                       else "e.g. returned attention weights")
+                listed = ", ".join(sorted(names)) or "nothing"
+                raise NearMiss(f"the probabilities are used by {len(users)} ops ({listed}), not only by the p·v "
+                               f"matmul ({why})")
             user, index = users[0]
             if user.name == "ft.cast" and user.result.type.dtype.is_float:
                 value = user.result
