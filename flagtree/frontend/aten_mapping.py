@@ -639,7 +639,8 @@ def _training_attention_operands(ctx: FXImporter, args: dict[str, Any]) -> tuple
     run-time scale of a flagtree::attention(_backward) call (frontend/training_attention.py)."""
     q, scale, run_time = _scaled_query(ctx, ctx.value(args["q"]), args["q"], args["scale"])
     masks = [] if args["mask"] is None else [_mask_rank4(ctx, ctx.value(args["mask"]))]
-    return q, masks, {"scale": scale, "causal": args["causal"], "window": 0, "has_mask": bool(masks)}, run_time
+    attrs = {"scale": scale, "causal": args["causal"], "window": args["window"], "has_mask": bool(masks)}
+    return q, masks, attrs, run_time
 
 
 @lowering("flagtree.attention.default", ftir="`ft.attention` with `with_lse` (SDPA in training; see "

@@ -25,6 +25,7 @@ from torch._dynamo.backends.common import aot_autograd
 from flagtree.errors import OptionsError
 from flagtree.frontend.aten_mapping import EXTRA_DECOMPOSITIONS, KEPT_FROM_DECOMPOSITION
 from flagtree.frontend.attention_rank import lift_attention_to_rank4
+from flagtree.frontend.explicit_attention import route_explicit_attention
 from flagtree.frontend.freezing import FrozenParameters, freeze_parameters
 from flagtree.frontend.graph_compiler import compile_aten_graph
 from flagtree.frontend.options import REDUCE_OVERHEAD, CompileOptions, check_mode
@@ -54,6 +55,7 @@ def flagtree_backend(
         gm, example_inputs, frozen = freeze_parameters(gm, example_inputs)
     lift_attention_to_rank4(gm)
     route_training_attention(gm)
+    gm = route_explicit_attention(gm, example_inputs, decomposition_table()) or gm
 
     def compiler(kind: str) -> Callable[[fx.GraphModule, Sequence[Any]], Any]:
         def compile_graph(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Any:

@@ -62,6 +62,8 @@ class ImportedGraph:
     outputs: list[int | ConstantOutput]
     fallbacks: Counter = field(default_factory=Counter)
     fallback_reasons: dict[str, str] = field(default_factory=dict)
+    # What each FX node became: an FTIR Value, a list of them (several results), a Python scalar or None.
+    node_values: dict[fx.Node, Any] = field(default_factory=dict)
 
 
 def import_graph(
@@ -148,7 +150,8 @@ class FXImporter:
                 self.values[node] = self._import_get_attr(node)
             elif node.op == "output":
                 outputs = self._import_output(node)
-        return ImportedGraph(self.module, self.arg_indices, outputs, self.fallbacks, self.fallback_reasons)
+        return ImportedGraph(self.module, self.arg_indices, outputs, self.fallbacks, self.fallback_reasons,
+                             self.values)
 
     def _import_placeholder(self, index: int, node: fx.Node) -> None:
         if index in self.constants:
