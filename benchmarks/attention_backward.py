@@ -5,13 +5,16 @@
 
 Cases (issue 4): causal bf16, batch 1, 16 heads × 128, lengths 4096 and 16384; MLA prefill,
 128 heads, qk 192 / v 128, length 4096, causal.  The model is F.scaled_dot_product_attention
-with is_causal (in training, flagtree imports it as ft.attention + ft.attention_grad; the
-explicit matmul/softmax spelling keeps its probabilities for the backward and is not fused).
+with is_causal (in training, flagtree imports it as ft.attention + ft.attention_grad), and the
+explicit spelling of the forward benchmark.
 For each case, in one run, the backward alone (`torch.autograd.grad(out, (q, k, v), grad,
 retain_graph=True)` after one forward) of:
 
 - torch.compile(backend="flagtree") on the SDPA call, with whether its graphs hold an
   ft.attention and an ft.attention_grad (flagtree.reports());
+- torch.compile with flagtree and with Inductor on the explicit spelling (benchmarks/attention.py's
+  `softmax(masked_fill(q·kᵀ·scale, triu, -inf), dtype=f32).to(bf16) @ v`; flagtree fuses it
+  before aot_autograd: frontend/explicit_attention.py);
 - flagtree's backward kernels called directly (backends/triton/attention_backward.py);
 - eager SDPA with each backend that runs the case (FLASH, EFFICIENT, CUDNN), and the best;
 - torch.compile's default backend (Inductor), which keeps SDPA's kernels;
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import flagtree
-from benchmarks.attention import machine_rates, time_ms
+from benchmarks.attention import explicit_causal, machine_rates, time_ms
 from flagtree.ir.ops.attention import attention_reference, visible_keys
 
 TOLERANCE = 1.6e-2
@@ -65,6 +68,10 @@ QUICK_CASES = (Case("causal 2x64 L80", 2, 80, 64, 64), Case("MLA 2x(48/32) L40",
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return explicit_causal(q, k, v, q.shape[-1] ** -0.5)
 
 
 def make_inputs(case: Case, device: str) -> tuple[torch.Tensor, ...]:
@@ -157,6 +164,12 @@ def run_case(case: Case, device: str) -> dict:
     fusions = {name: n for report in flagtree.reports() for name, n in report.fusions.items()}
     methods["flagtree"]["fused"] = fusions.get("attention", 0) > 0 and fusions.get("attention_grad", 0) > 0
     methods["flagtree"]["kernel_fallbacks"] = {k: n for r in flagtree.reports() for k, n in r.kernel_fallbacks.items()}
+    torch._dynamo.reset()
+    flagtree.clear_reports()
+    methods["flagtree explicit"] = measure("flagtree explicit (torch.compile)", lambda: backward_of(
+        torch.compile(explicit, backend="flagtree", options=options), inputs), expected, device)
+    kinds = {kind for report in flagtree.reports() for kind in report.fusions}
+    methods["flagtree explicit"]["fused"] = {"attention", "attention_grad"} <= kinds
     methods["flagtree kernel"] = measure("flagtree kernels", lambda: flagtree_kernel_backward(inputs, device),
                                          expected, device)
     if device == "cuda":
@@ -166,6 +179,9 @@ def run_case(case: Case, device: str) -> dict:
         torch._dynamo.reset()
         methods["inductor"] = measure("inductor", lambda: backward_of(torch.compile(attention), inputs), expected,
                                       device)
+        torch._dynamo.reset()
+        methods["inductor explicit"] = measure("inductor explicit", lambda: backward_of(torch.compile(explicit),
+                                                                                       inputs), expected, device)
     return {"case": asdict(case), "flops": floor_flops(case), "methods": methods}
 
 
@@ -185,7 +201,8 @@ def summarize(row: dict, rates: dict) -> dict:
 
 
 def print_table(report: dict) -> None:
-    columns = ("flagtree", "flagtree kernel", "inductor", *(f"sdpa {b}" for b in SDPA_BACKENDS))
+    columns = ("flagtree", "flagtree kernel", "inductor", *(f"sdpa {b}" for b in SDPA_BACKENDS),
+               "flagtree explicit", "inductor explicit")
     print("\nbackward, µs (median):")
     print(f"{'case':<26}" + "".join(f"{c[:16]:>17}" for c in columns) + f"{'floor':>9}{'SDPA/ft':>9}{'of floor':>9}")
     for row in report["cases"]:
