@@ -208,6 +208,17 @@ def test_unary_ops_match_torch_including_nan_and_inf(backend, name, seed):
     run_both(backend, module, [_special_input((8, 16), seed)])
 
 
+@pytest.mark.parametrize("name", ["sqrt", "rsqrt", "pow"])
+def test_f64_square_roots(backend, name):
+    """Symbolic sizes under dynamic shapes reach kernels as f64 scalars (x / math.sqrt(x.shape[-1])),
+    and Triton's correctly rounded tl.sqrt_rn takes f32 only."""
+    def body(b, a):
+        return [b.value("ft.pow", a[0], constant(b, 0.5, "f64")) if name == "pow" else b.value(f"ft.{name}", a[0])]
+
+    module = fusion_module(["tensor<8x16xf64>"], body)
+    run_both(backend, module, [_special_input((8, 16), 7).double()])
+
+
 @settings(max_examples=30, deadline=None)
 @given(name=st.sampled_from(BINARY), seed=st.integers(0, 2**16))
 def test_binary_ops_match_torch_including_nan_and_inf(backend, name, seed):

@@ -308,8 +308,9 @@ def _pow(c: Temporaries, a: list[Operand], op: Operation) -> str:
         return _integer_power(x.text, int(y.constant), x.dtype)
     if not x.dtype.is_float:
         raise UnsupportedRegion("'ft.pow' of integers with a non-constant exponent has no Triton lowering")
-    if y.is_constant and float(y.constant) == 0.5:
-        return f"tl.sqrt_rn({x.text})"
+    if y.is_constant and float(y.constant) == 0.5:  # pow(-inf, 0.5) is inf and pow(-0.0, 0.5) is +0.0
+        root = c.tmp(_precise_sqrt(Operand(f"({x.text} + 0.0)", x.dtype)))
+        return f'tl.where({x.text} == -float("inf"), float("inf"), {root})'
     magnitude = c.tmp(f"tl.exp2({y.text} * tl.log2(tl.abs({x.text})))")
     integral = c.tmp(f"tl.floor({y.text}) == {y.text}")
     odd = c.tmp(f"{integral} & (tl.abs({y.text} % 2.0) == 1.0)")
@@ -327,13 +328,19 @@ def _integer_power(x: str, n: int, dtype: ScalarType) -> str:
     return f"1.0 / ({product})" if n < 0 else product
 
 
+def _precise_sqrt(x: Operand) -> str:
+    """A correctly rounded square root: tl.sqrt_rn takes f32 only; f64's tl.sqrt is already IEEE
+    (sqrt.rn.f64), f32's is an approximation."""
+    return f"tl.sqrt({x.text})" if x.dtype.name == "f64" else f"tl.sqrt_rn({x.text})"
+
+
 def _sqrt(c: Temporaries, a: list[Operand], op: Operation) -> str:
-    return f"tl.sqrt_rn({a[0].text})"
+    return _precise_sqrt(a[0])
 
 
 def _rsqrt(c: Temporaries, a: list[Operand], op: Operation) -> str:
     x = a[0]
-    return f"tl.rsqrt({x.text})" if x.dtype.name != "f64" else f"1.0 / tl.sqrt_rn({x.text})"
+    return f"tl.rsqrt({x.text})" if x.dtype.name != "f64" else f"1.0 / {_precise_sqrt(x)}"
 
 
 def _gelu(c: Temporaries, a: list[Operand], op: Operation) -> str:
