@@ -14,7 +14,9 @@ NaN semantics follow torch: `maximum`/`minimum`/`clamp` propagate NaN
 (`propagate_nan=tl.PropagateNan.ALL`; the default drops NaN on GPUs), `relu(nan)` is NaN,
 `sign(nan)` is 0.  Functions `tl` lacks are written with accurate formulas: short Taylor
 series near 0 for expm1/log1p/tanh (where the textbook formulas cancel), half-to-even
-`round`, the Cephes polynomial for `atan`.
+`round`, the Cephes polynomial for `atan`.  The series and that polynomial are f32-accurate;
+f64 uses Kahan's and Goldberg's forms of expm1 and log1p (exact up to the rounding of exp and
+log) and tanh from that expm1, and f64 `atan` is not generated (the region runs in eager torch).
 """
 
 from __future__ import annotations
@@ -185,22 +187,40 @@ def _near_zero(c: Temporaries, x: str, series: str, formula: str) -> str:
 
 def _expm1(c: Temporaries, a: list[Operand], op: Operation) -> str:
     x = a[0].text
+    if a[0].dtype.name == "f64":
+        return _kahan_expm1(c, x)
     series = f"{x} * (1.0 + {x} * (0.5 + {x} * (1.0 / 6.0 + {x} * (1.0 / 24.0 + {x} * (1.0 / 120.0 + {x} / 720.0)))))"
     return _near_zero(c, x, series, f"tl.exp({x}) - 1.0")
 
 
+def _kahan_expm1(c: Temporaries, x: str) -> str:
+    """expm1 as (u − 1)·x / log(u), u = exp(x): the rounding errors of u cancel (Kahan)."""
+    u = c.tmp(f"tl.exp({x})")
+    ratio = c.tmp(f"({u} - 1.0) * ({x} / tl.log({u}))")
+    saturated = c.tmp(f'tl.where({u} == float("inf"), {u}, {ratio})')
+    return f"tl.where({u} == 1.0, {x}, tl.where({u} - 1.0 == -1.0, -1.0, {saturated}))"
+
+
 def _log1p(c: Temporaries, a: list[Operand], op: Operation) -> str:
     x = a[0].text
+    if a[0].dtype.name == "f64":  # Goldberg: log(u)·x / (u − 1), u = 1 + x
+        u = c.tmp(f"1.0 + {x}")
+        ratio = f"tl.log({u}) * ({x} / ({u} - 1.0))"
+        return f'tl.where({u} == 1.0, {x}, tl.where({x} == float("inf"), {x}, {ratio}))'
     series = (f"{x} * (1.0 - {x} * (0.5 - {x} * (1.0 / 3.0 - {x} * (0.25 - {x} * (0.2 - {x} * "
               f"(1.0 / 6.0 - {x} / 7.0))))))")
     return _near_zero(c, x, series, f"tl.log(1.0 + {x})")
 
 
 def _tanh(c: Temporaries, a: list[Operand], op: Operation) -> str:
-    return _tanh_of(c, a[0].text)
+    return _tanh_of(c, a[0].text, a[0].dtype)
 
 
-def _tanh_of(c: Temporaries, x: str) -> str:
+def _tanh_of(c: Temporaries, x: str, dtype: ScalarType) -> str:
+    if dtype.name == "f64":  # tanh|x| = −e / (e + 2), e = expm1(−2|x|)
+        e = c.tmp(_kahan_expm1(c, f"(-2.0 * tl.abs({x}))"))
+        magnitude = c.tmp(f"-{e} / ({e} + 2.0)")
+        return f"tl.where({x} < 0, -{magnitude}, {magnitude})"
     x2 = c.tmp(f"{x} * {x}")
     series = f"{x} * (1.0 - {x2} * (1.0 / 3.0 - {x2} * (2.0 / 15.0 - {x2} * (17.0 / 315.0))))"
     e = c.tmp(f"tl.exp(-2.0 * tl.abs({x}))")
@@ -209,6 +229,8 @@ def _tanh_of(c: Temporaries, x: str) -> str:
 
 
 def _atan(c: Temporaries, a: list[Operand], op: Operation) -> str:
+    if a[0].dtype.name == "f64":
+        raise UnsupportedRegion("'ft.atan' in f64: the generated polynomial is f32-accurate only")
     x = a[0].text
     ax = c.tmp(f"tl.abs({x})")
     big = c.tmp(f"{ax} > 2.414213562373095")
@@ -347,7 +369,7 @@ def _gelu(c: Temporaries, a: list[Operand], op: Operation) -> str:
     x = a[0].text
     if op.attributes.get("approximate", "none") == "tanh":
         inner = c.tmp(f"0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})")
-        return f"0.5 * {x} * (1.0 + {c.tmp(_tanh_of(c, inner))})"
+        return f"0.5 * {x} * (1.0 + {c.tmp(_tanh_of(c, inner, a[0].dtype))})"
     return f"0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476))"
 
 
