@@ -155,6 +155,28 @@ def test_long_sequences_cross_every_block_phase(forward, backward):
             assert relative_error(actual, exact) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sink_gradients_match_fp64(forward, backward, dtype):
+    """With sinks (one of them -inf: it adds nothing, and gets gradient 0), GQA and rows that
+    see no key (lower_right, Sq > Skv): grad_sinks = −Σ exp(sink − lse)·D from the kernels' lse
+    and D, beside the q, k, v gradients."""
+    p = Problem(2, (4, 2), 21, 13, (32, 16), dtype, "lower_right", 0, "none", (True,) * 4, True, False, 1.0,
+                "default", seed=9)
+    (q, k, v, _, _), scale = make_inputs(p)
+    sinks = torch.tensor([0.5, float("-inf"), -1.0, 2.0])
+    grad_out = torch.randn(2, 4, 21, 16, generator=torch.Generator().manual_seed(10)).to(dtype)
+    kwargs = {"scale": scale, "causal": "lower_right", "window": 0}
+    out, lse = forward(q, k, v, None, sinks, **kwargs, with_lse=True)
+    grads = backward(q, k, v, out, grad_out, lse, None, sinks, **kwargs)
+    attrs = {**kwargs, "has_mask": False, "has_sinks": True}
+    args = [t.double() for t in (q, k, v, sinks)]
+    exact_out, exact_lse = attention_reference(args, {**attrs, "with_lse": True}, [])
+    expected = attention_grad_reference([*args[:3], exact_out, grad_out.double(), exact_lse, args[3]], attrs, [])
+    assert len(grads) == 4 and grads[3].dtype == sinks.dtype and grads[3][1] == 0
+    for name, actual, exact in zip(("q", "k", "v", "sinks"), grads, expected):
+        assert relative_error(actual, exact) <= TOLERANCE[dtype], f"grad_{name}"
+
+
 # ---------------------------------------------------------------------------- compiled modules
 def training_module() -> Module:
     """ft.attention with its lse, then ft.attention_grad, as a forward and backward graph would."""
@@ -163,9 +185,9 @@ def training_module() -> Module:
              "tensor<2x1x17x33xi1>"]
     _, block = new_function(module, "main", [parse_type(t) for t in types])
     q, k, v, grad_out, mask = block.args
-    attrs = {"scale": 0.125, "causal": "lower_right", "window": 8, "has_mask": True}
+    attrs = {"scale": 0.125, "causal": "lower_right", "window": 8, "has_mask": True, "has_sinks": False}
     builder = Builder(block)
-    forward = builder.create("ft.attention", [q, k, v, mask], {**attrs, "has_sinks": False, "with_lse": True})
+    forward = builder.create("ft.attention", [q, k, v, mask], {**attrs, "with_lse": True})
     out, lse = forward.results
     grads = builder.create("ft.attention_grad", [q, k, v, out, grad_out, lse, mask], attrs).results
     block.append(Operation("func.return", [out, *grads]))

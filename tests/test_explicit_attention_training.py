@@ -1,6 +1,6 @@
 """Explicit attention spellings in training (frontend/explicit_attention.py): the forward graph
 holds one ft.attention, the backward one ft.attention_grad, and every gradient matches fp64;
-what cannot be rewired (sinks, dynamic shapes) trains unfused, still exactly."""
+what cannot be rewired (dynamic shapes) trains unfused, still exactly."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def _train(fn, inputs, extra, dynamic=False) -> tuple[list[torch.Tensor], dict[s
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     (out * weights).sum().backward()
     twins = [t.detach().double().requires_grad_() for t in inputs]
-    (fn(*twins, *(e.double() if e.is_floating_point() else e for e in extra)) * weights.double()).sum().backward()
+    twin_extra = (e.detach().double() if e.is_floating_point() else e for e in extra)
+    (fn(*twins, *twin_extra) * weights.double()).sum().backward()
     for name, actual, twin in zip("qkv", inputs, twins):
         assert_matches_fp64(actual.grad, twin.grad, torch.float32, f"gradient of {name}")
     fusions: dict[str, int] = {}
@@ -88,13 +89,25 @@ def test_explicit_spellings_train_through_attention_and_its_gradient(name):
     assert fused == ({"attention": 1, "attention_grad": 1} if fuses else {}), fused
 
 
-def test_sinks_and_dynamic_shapes_train_unfused_and_exact():
-    """ft.attention_grad has no sink gradient yet, and rewiring needs static shapes: both keep
-    the decomposed attention (its probabilities saved for the backward)."""
+def test_sinks_train_fused_with_their_gradient():
+    """Per-head sink logits (gpt-oss, DeepSeek-V4) are a leaf too: ft.attention_grad gives them
+    −Σ exp(sink − lse)·D, which matches fp64."""
     generator = torch.Generator().manual_seed(4)
     sinks = torch.randn(2, generator=generator).requires_grad_()
-    _, fusions = _train(sink_column, _inputs((2, 2), generator), (sinks,))
-    assert "attention_grad" not in fusions
+    twin = sinks.detach().double().requires_grad_()
+    inputs = _inputs((2, 2), generator)
+    _, fusions = _train(sink_column, inputs, (sinks,))
+    assert {"attention", "attention_grad"} <= set(fusions)
+    twins = [t.detach().double() for t in inputs]
+    weights = torch.randn(2, 2, 9, 8, generator=torch.Generator().manual_seed(1)).double()
+    (sink_column(*twins, twin) * weights).sum().backward()
+    assert_matches_fp64(sinks.grad, twin.grad, torch.float32, "gradient of the sinks")
+
+
+def test_dynamic_shapes_train_unfused_and_exact():
+    """Rewiring needs static shapes: under dynamic=True the decomposed attention trains (its
+    probabilities saved for the backward)."""
+    generator = torch.Generator().manual_seed(5)
     _, fusions = _train(sliding_window_where, _inputs((2, 2), generator), (), dynamic=True)
     assert "attention_grad" not in fusions
 

@@ -840,12 +840,17 @@ def _attention_oracle(inputs: list[Any], attrs: dict, types: list[Type]) -> list
 
 
 def _attention_grad_case() -> Case:
-    """ft.attention_grad at the forward's own out and lse (from the oracle), a random grad_out."""
+    """ft.attention_grad at the forward's own out and lse (from the oracle), a random grad_out,
+    with sinks or not."""
     def spec(draw) -> Spec:
         dtype = draw(st.sampled_from(("f32", "f64")))
         types, inputs, attrs = _attention_operands(draw, dtype)
-        forward_attrs = {**attrs, "has_sinks": False, "with_lse": True}
-        out, lse = _attention_oracle(inputs, forward_attrs, [])
+        attrs["has_sinks"] = draw(st.booleans())
+        if attrs["has_sinks"]:
+            heads = types[0].shape[1]
+            types.append(_t((heads,), dtype))
+            inputs.append(_tensor(draw, (heads,), dtype))
+        out, lse = _attention_oracle(inputs, {**attrs, "with_lse": True}, [])
         torch_dtype = torch.float32 if dtype == "f32" else torch.float64
         out, lse = torch.from_numpy(out).to(torch_dtype), torch.from_numpy(lse).to(torch_dtype)
         grad_out = _tensor(draw, tuple(out.shape), dtype)
@@ -857,13 +862,18 @@ def _attention_grad_case() -> Case:
 
 def _attention_grad_oracle(inputs: list[Any], attrs: dict, types: list[Type]) -> list[Any]:
     """The gradients from their formulas, row by row in float64: p_j = exp(s_j − lse_i) on the
-    visible keys, D_i = grad_out_i · out_i, grad_s_j = p_j (grad_out_i · v_j − D_i)."""
+    visible keys, D_i = grad_out_i · out_i, grad_s_j = p_j (grad_out_i · v_j − D_i), and a
+    sink's gradient −Σ_i exp(sink − lse_i) D_i."""
     q, k, v, out, grad_out, lse = map(_np, inputs[:6])
     mask = _np(inputs[6]) if attrs["has_mask"] else None
+    sinks = _np(inputs[-1]) if attrs["has_sinks"] else None
     group = q.shape[1] // k.shape[1]
-    grads = [np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)]
+    grads = [np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)] + ([np.zeros(q.shape[1])] if attrs["has_sinks"]
+                                                                         else [])
     for b, h, i in np.ndindex(*q.shape[:3]):
         row_dot = grad_out[b, h, i] @ out[b, h, i]
+        if sinks is not None:
+            grads[3][h] -= np.exp(sinks[h] - lse[b, h, i]) * row_dot
         for j, score in _visible_scores(q, k, mask, attrs, b, h, i):
             p = np.exp(score - lse[b, h, i])
             grad_s = p * (grad_out[b, h, i] @ v[b, h // group, j] - row_dot)

@@ -48,6 +48,7 @@ from flagtree.backends.triton.attention import (
 )
 from flagtree.backends.triton.library import Jit
 from flagtree.ir.core import Operation
+from flagtree.ir.ops.attention import sink_gradient
 from flagtree.ir.types import TensorType
 from flagtree.runtime.plan import PlanWriter
 
@@ -167,17 +168,21 @@ class FlashAttentionBackward:
         return f"FlashAttentionBackward({self.backend}, {self.caps.target})"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
-                 lse: torch.Tensor, mask: torch.Tensor | None = None, *, scale: float, causal: str, window: int,
-                 head_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(grad_q, grad_k, grad_v); `head_splits` overrides how the KV kernel splits GQA groups."""
+                 lse: torch.Tensor, mask: torch.Tensor | None = None, sinks: torch.Tensor | None = None, *,
+                 scale: float, causal: str, window: int, head_splits: int | None = None) -> tuple[torch.Tensor, ...]:
+        """(grad_q, grad_k, grad_v), plus grad_sinks with `sinks`; `head_splits` overrides how the
+        KV kernel splits GQA groups.  The kernels need nothing of the sinks: the lse holds them."""
         call = _Call(self, q, k, v, out, grad_out, lse, mask, scale, causal, window)
         grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
+        delta = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
         if q.numel() == 0 or k.numel() == 0:
-            return grad_q.zero_(), torch.zeros_like(k), torch.zeros_like(v)
-        delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        call.query_gradient(delta, self._config(call, "q", delta), grad_q)
-        grad_k, grad_v = call.key_gradients(delta, self._config(call, "kv", delta), head_splits)
-        return grad_q, grad_k, grad_v
+            grads = (grad_q.zero_(), torch.zeros_like(k), torch.zeros_like(v))
+        else:
+            call.query_gradient(delta, self._config(call, "q", delta), grad_q)
+            grads = (grad_q, *call.key_gradients(delta, self._config(call, "kv", delta), head_splits))
+        if sinks is None:
+            return grads
+        return *grads, sink_gradient(sinks, call.lse, delta).to(sinks.dtype)
 
     def _config(self, call: _Call, kernel: str, delta: torch.Tensor) -> BackwardConfig:
         """The kernel's configuration for this call's class: the first candidate, or on a GPU the
@@ -284,7 +289,9 @@ def attention_grad_lowering(backend: str, jit: Jit, caps: Capabilities) -> Calla
         callee = writer.bind("flash_attention_backward", flash_attention_backward(backend, jit, caps))
         attributes = op.attributes
         optional = [f"mask={operands[6]}"] if attributes["has_mask"] else []
-        results = [writer.new_buffer() for _ in range(3)]
+        if attributes["has_sinks"]:
+            optional.append(f"sinks={operands[-1]}")
+        results = [writer.new_buffer() for _ in op.results]
         arguments = [*operands[:6], *optional, f"scale={attributes['scale']!r}", f"causal={attributes['causal']!r}",
                      f"window={attributes['window']}"]
         writer.line(f"{', '.join(results)} = {callee}({', '.join(arguments)})")

@@ -635,32 +635,35 @@ for _name, _form in _FUSED_ATTENTION.items():
 
 def _training_attention_operands(ctx: FXImporter, args: dict[str, Any]) -> tuple[Value, list[Value], dict[str, Any],
                                                                                 Value | None]:
-    """q (scaled when only run time knows the scale), the mask operands, the attributes and the
-    run-time scale of a flagtree::attention(_backward) call (frontend/training_attention.py)."""
+    """q (scaled when only run time knows the scale), the mask and sinks operands, the attributes
+    and the run-time scale of a flagtree::attention(_backward) call (frontend/training_attention.py)."""
     q, scale, run_time = _scaled_query(ctx, ctx.value(args["q"]), args["q"], args["scale"])
-    masks = [] if args["mask"] is None else [_mask_rank4(ctx, ctx.value(args["mask"]))]
-    attrs = {"scale": scale, "causal": args["causal"], "window": args["window"], "has_mask": bool(masks)}
-    return q, masks, attrs, run_time
+    optional = [] if args["mask"] is None else [_mask_rank4(ctx, ctx.value(args["mask"]))]
+    if args["sinks"] is not None:
+        optional.append(ctx.value(args["sinks"]))
+    attrs = {"scale": scale, "causal": args["causal"], "window": args["window"], "has_mask": args["mask"] is not None,
+             "has_sinks": args["sinks"] is not None}
+    return q, optional, attrs, run_time
 
 
-@lowering("flagtree.attention.default", ftir="`ft.attention` with `with_lse` (SDPA in training; see "
+@lowering("flagtree.attention.default", ftir="`ft.attention` with `with_lse` (training; see "
           "frontend/training_attention.py)")
 def _training_attention(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> list[Value | None]:
-    q, masks, attrs, _ = _training_attention_operands(ctx, args)
+    q, optional, attrs, _ = _training_attention_operands(ctx, args)
     kv = [ctx.value(args[name]) for name in ("k", "v")]
-    op = ctx.emit_op("ft.attention", [q, *kv, *masks], {**attrs, "has_sinks": False, "with_lse": True})
+    op = ctx.emit_op("ft.attention", [q, *kv, *optional], {**attrs, "with_lse": True})
     return list(op.results)
 
 
 @lowering("flagtree.attention_backward.default", ftir="`ft.attention_grad` (q scaled by a run-time scale, "
           "and its gradient by the same, when only run time knows the scale)")
 def _training_attention_backward(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> list[Value | None]:
-    q, masks, attrs, run_time = _training_attention_operands(ctx, args)
+    q, optional, attrs, run_time = _training_attention_operands(ctx, args)
     operands = [q, *(ctx.value(args[name]) for name in ("k", "v", "out", "grad_out", "lse"))]
-    grad_q, grad_k, grad_v = ctx.emit_op("ft.attention_grad", [*operands, *masks], attrs).results
+    grad_q, *grads = ctx.emit_op("ft.attention_grad", [*operands, *optional], attrs).results
     if run_time is not None:  # the gradient of q·s with respect to q
         grad_q = ctx.emit("ft.mul", [grad_q, ctx.cast(run_time, grad_q.type.dtype)])
-    return [grad_q, grad_k, grad_v]
+    return [grad_q, *grads] + ([] if attrs["has_sinks"] else [None])  # no sinks: an unused empty result
 
 
 # --------------------------------------------------------------------------- shapes

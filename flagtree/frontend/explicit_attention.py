@@ -14,10 +14,10 @@ for a graph that needs gradients this module asks fuse-attention first, on the f
 4. aot_autograd gets that aten graph instead of Dynamo's; the dead matmul and softmax nodes
    are gone, and flagtree::attention's autograd formula supplies the backward.
 
-Only what maps back exactly is rewired: static shapes, no sinks (ft.attention_grad has no
-sink gradient yet), operands built from FX nodes by reshape, transpose, broadcast, concat
-and cast.  Anything else keeps the graph as it was (the training graph stays unfused, which
-`flagtree-opt --explain` on its dump explains), and a failure to trace is logged, not raised.
+Only what maps back exactly is rewired: static shapes, operands built from FX nodes by
+reshape, transpose, broadcast, concat and cast.  Anything else keeps the graph as it was (the
+training graph stays unfused, which `flagtree-opt --explain` on its dump explains), and a
+failure to trace is logged, not raised.
 """
 
 from __future__ import annotations
@@ -166,11 +166,10 @@ def _through_attention(value: Value) -> bool:
 
 def _attention(graph: fx.Graph, op: Operation, operands: list[fx.Node], value: Value) -> fx.Node:
     attrs = op.attributes
-    if attrs["has_sinks"]:
-        raise _Unmappable("ft.attention_grad has no sink gradient yet")
     mask = operands[3] if attrs["has_mask"] else None
+    sinks = operands[-1] if attrs["has_sinks"] else None
     call = graph.call_function(torch.ops.flagtree.attention.default,
-                               (*operands[:3], mask, attrs["scale"], attrs["causal"], attrs["window"]))
+                               (*operands[:3], mask, attrs["scale"], attrs["causal"], attrs["window"], sinks))
     return graph.call_function(operator.getitem, (call, 0))
 
 

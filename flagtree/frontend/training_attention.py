@@ -29,30 +29,30 @@ _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causa
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
-def _attrs(q: torch.Tensor, mask: torch.Tensor | None, scale: float | None, causal: str,
-           window: int) -> dict[str, object]:
+def _attrs(q: torch.Tensor, mask: torch.Tensor | None, scale: float | None, causal: str, window: int,
+           sinks: torch.Tensor | None) -> dict[str, object]:
     """ft.attention's attributes for one call (SDPA's default scale is 1/sqrt(Dqk))."""
     return {"scale": q.shape[-1] ** -0.5 if scale is None else scale, "causal": causal, "window": window,
-            "has_mask": mask is not None, "has_sinks": False}
+            "has_mask": mask is not None, "has_sinks": sinks is not None}
 
 
-def _rank4(mask: torch.Tensor | None) -> list[torch.Tensor]:
-    """The mask as ft.attention takes it: rank 4, leading dims of 1 (SDPA broadcasts from the right)."""
-    if mask is None:
-        return []
-    return [mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))]
+def _optional(mask: torch.Tensor | None, sinks: torch.Tensor | None) -> list[torch.Tensor]:
+    """The mask as ft.attention takes it (rank 4, leading dims of 1: SDPA broadcasts from the
+    right) and the sinks, those present."""
+    masks = [] if mask is None else [mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))]
+    return masks + ([] if sinks is None else [sinks])
 
 
 @torch.library.custom_op("flagtree::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
-              causal: str, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              causal: str, window: int = 0, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ft.attention with `with_lse`: (out, lse)."""
-    attrs = {**_attrs(q, mask, scale, causal, window), "with_lse": True}
-    return attention_reference([q, k, v, *_rank4(mask)], attrs, [])
+    attrs = {**_attrs(q, mask, scale, causal, window, sinks), "with_lse": True}
+    return attention_reference([q, k, v, *_optional(mask, sinks)], attrs, [])
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, mask, scale, causal, window=0):
+def _attention_fake(q, k, v, mask, scale, causal, window=0, sinks=None):
     out = q.new_empty((*q.shape[:3], v.shape[-1]))
     return out, q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
@@ -60,29 +60,33 @@ def _attention_fake(q, k, v, mask, scale, causal, window=0):
 @torch.library.custom_op("flagtree::attention_backward", mutates_args=())
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, mask: torch.Tensor | None, scale: float | None, causal: str,
-                       window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ft.attention_grad: (grad_q, grad_k, grad_v)."""
-    return attention_grad_reference([q, k, v, out, grad_out, lse, *_rank4(mask)],
-                                    _attrs(q, mask, scale, causal, window), [])
+                       window: int = 0, sinks: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ft.attention_grad: (grad_q, grad_k, grad_v, grad_sinks); grad_sinks is empty without sinks
+    (a custom op returns tensors, not None)."""
+    grads = attention_grad_reference([q, k, v, out, grad_out, lse, *_optional(mask, sinks)],
+                                     _attrs(q, mask, scale, causal, window, sinks), [])
+    return grads if sinks is not None else (*grads, q.new_empty(0))
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, causal, window=0):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, causal, window=0, sinks=None):
+    grad_sinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_sinks
 
 
 def _save_for_backward(ctx, inputs, output) -> None:
-    q, k, v, mask, scale, causal, window = inputs
+    q, k, v, mask, scale, causal, window, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.save_for_backward(q, k, v, mask, out, lse, sinks)
     ctx.scale, ctx.causal, ctx.window = scale, causal, window
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v = attention_backward(grad_out.contiguous(), q, k, v, out, lse, mask, ctx.scale, ctx.causal,
-                                                ctx.window)
-    return grad_q, grad_k, grad_v, None, None, None, None
+    q, k, v, mask, out, lse, sinks = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_sinks = attention_backward(grad_out.contiguous(), q, k, v, out, lse, mask, ctx.scale,
+                                                            ctx.causal, ctx.window, sinks)
+    return grad_q, grad_k, grad_v, None, None, None, None, grad_sinks if sinks is not None else None
 
 
 attention.register_autograd(_backward, setup_context=_save_for_backward)

@@ -24,13 +24,15 @@ Semantics (every backend must match the reference below):
 
 `ft.attention_grad` is the backward of `ft.attention` given the forward's result and lse:
 
-    operands: q, k, v, out, grad_out, lse, [mask]   results: grad_q, grad_k, grad_v (their types)
+    operands: q, k, v, out, grad_out, lse, [mask], [sinks]
+    results:  grad_q, grad_k, grad_v, [grad_sinks]   (the types of q, k, v, sinks)
 
 With p = exp(s − lse) on the visible keys (0 elsewhere) and D_i = Σ_d grad_out[i, d]·out[i, d]:
 grad_v = pᵀ·grad_out, grad_s = p ∘ (grad_out·vᵀ − D), grad_q = scale·grad_s·k and
 grad_k = scale·grad_sᵀ·q, all in f32 (f64 for f64), with grad_k and grad_v summed over each KV
-head's query heads.  Same attributes as ft.attention except sinks (not supported yet) and
-with_lse; a mask gets no gradient.
+head's query heads; a sink's gradient is −Σ_{batch, row} exp(sink − lse)·D (its weight times
+what the row's output moves).  Same attributes as ft.attention except with_lse; a mask gets no
+gradient.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ ATTENTION_ATTRS = {
     "with_lse": AttrSpec((bool,), "a second result: each row's log-sum-exp, [B, Hq, Sq] f32 (training)",
                          required=False),
 }
-GRAD_ATTRS = {name: spec for name, spec in ATTENTION_ATTRS.items() if name not in ("has_sinks", "with_lse")}
+GRAD_ATTRS = {name: spec for name, spec in ATTENTION_ATTRS.items() if name != "with_lse"}
 
 
 def _dims_agree(a: int | None, b: int | None) -> bool:
@@ -126,15 +128,16 @@ def _infer_attention(op: Operation) -> list[Type] | str:
 
 def _infer_attention_grad(op: Operation) -> list[Type] | str:
     a = op.attributes
-    expected = 6 + a["has_mask"]
+    expected = 6 + a["has_mask"] + a["has_sinks"]
     if len(op.operands) != expected:
-        return f"expected {expected} operands (q, k, v, out, grad_out, lse{', mask' * a['has_mask']}), " \
-               f"got {len(op.operands)}"
+        return f"expected {expected} operands (q, k, v, out, grad_out, lse{', mask' * a['has_mask']}" \
+               f"{', sinks' * a['has_sinks']}), got {len(op.operands)}"
     types = [v.type for v in op.operands]
     if not all(isinstance(t, TensorType) for t in types):
         return "every operand must be a tensor"
     q, k, v, out, grad_out, lse = types[:6]
-    problem = _check_attention_types([q, k, v], types[6] if a["has_mask"] else None, None, a)
+    sinks = types[-1] if a["has_sinks"] else None
+    problem = _check_attention_types([q, k, v], types[6] if a["has_mask"] else None, sinks, a)
     if problem:
         return problem
     expected_out = TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype)
@@ -143,7 +146,7 @@ def _infer_attention_grad(op: Operation) -> list[Type] | str:
             return f"{name} {t} must be the attention's result type {expected_out}"
     if lse.dtype != _lse_type(q).dtype or lse.rank != 3 or not all(map(_dims_agree, lse.shape, q.shape[:3])):
         return f"lse {lse} must be the forward's log-sum-exp, {_lse_type(q)}"
-    return [q, k, v]
+    return [q, k, v, *([sinks] if sinks is not None else [])]
 
 
 def visible_keys(sq: int, skv: int, causal: str, window: int, device: torch.device | None = None) -> torch.Tensor:
@@ -198,10 +201,10 @@ def attention_reference(args: list[Any], attrs: dict[str, Any],
 
 
 def attention_grad_reference(args: list[Any], attrs: dict[str, Any],
-                             result_types: list[Type]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager ft.attention_grad: the gradients of q, k and v recomputed from the forward's lse."""
+                             result_types: list[Type]) -> tuple[torch.Tensor, ...]:
+    """Eager ft.attention_grad: the gradients of q, k, v (and the sinks) recomputed from the forward's lse."""
     q, k, v, out, grad_out, lse = args[:6]
-    forward_args = [q, k, v, *args[6:]]
+    forward_args = [q, k, v, *args[6:7 if attrs["has_mask"] else 6]]
     scores, k_heads, v_heads = _masked_scores(forward_args, attrs)
     compute = scores.dtype
     probabilities = torch.exp(scores - lse.to(compute)[..., None])
@@ -211,7 +214,19 @@ def attention_grad_reference(args: list[Any], attrs: dict[str, Any],
     grad_scores = probabilities * (torch.matmul(grad_out, v_heads.transpose(-1, -2)) - row_dot)
     grad_q = torch.matmul(grad_scores, k_heads) * attrs["scale"]
     grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.to(compute)) * attrs["scale"]
-    return grad_q.to(q.dtype), _sum_groups(grad_k, k.shape[1]).to(k.dtype), _sum_groups(grad_v, v.shape[1]).to(v.dtype)
+    grads = (grad_q.to(q.dtype), _sum_groups(grad_k, k.shape[1]).to(k.dtype),
+             _sum_groups(grad_v, v.shape[1]).to(v.dtype))
+    if not attrs["has_sinks"]:
+        return grads
+    sinks = args[-1]
+    return *grads, sink_gradient(sinks, lse, row_dot.squeeze(-1)).to(sinks.dtype)
+
+
+def sink_gradient(sinks: torch.Tensor, lse: torch.Tensor, row_dot: torch.Tensor) -> torch.Tensor:
+    """−Σ_{batch, row} exp(sink − lse)·D per head, from the lse and D = Σ grad_out·out of each row
+    ([B, Hq, Sq]); in lse's type."""
+    weights = torch.exp(sinks.to(lse.dtype)[None, :, None] - lse)
+    return -(weights * row_dot.to(lse.dtype)).sum(dim=(0, 2))
 
 
 def _sum_groups(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -227,6 +242,6 @@ register(OpDef(
 ))
 register(OpDef(
     "ft.attention_grad", "the gradients of ft.attention's q, k, v from its result and lse; see ops/attention.py",
-    (6, 7), results=(3, 3), attrs=GRAD_ATTRS, traits=frozenset({PURE, FUSED}), infer=_infer_attention_grad,
-    reference=attention_grad_reference, operand_doc="q, k, v, out, grad_out, lse, optional mask",
+    (6, 8), results=(3, 4), attrs=GRAD_ATTRS, traits=frozenset({PURE, FUSED}), infer=_infer_attention_grad,
+    reference=attention_grad_reference, operand_doc="q, k, v, out, grad_out, lse, optional mask, optional sinks",
 ))
