@@ -177,6 +177,29 @@ def test_sink_gradients_match_fp64(forward, backward, dtype):
         assert relative_error(actual, exact) <= TOLERANCE[dtype], f"grad_{name}"
 
 
+def test_deepseek_v4_head_dim_512_mqa_window_sinks(backend):
+    """64 query heads of dim 512 over one KV head, window 4, sinks: the kernels with an
+    H200's tiles (the interpreter's 48 KiB of shared memory fit none at this head dim, so
+    there the op runs its reference), the group split across programs, against fp64."""
+    from tests.test_attention_kernel import HOPPER
+
+    generator = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 64, 9, 512, generator=generator).to(torch.bfloat16)
+    k, v = (torch.randn(1, 1, 12, 512, generator=generator).to(torch.bfloat16) for _ in range(2))
+    sinks = torch.randn(64, generator=generator)
+    grad_out = torch.randn(1, 64, 9, 512, generator=generator).to(torch.bfloat16)
+    kwargs = {"scale": 512 ** -0.5, "causal": "lower_right", "window": 4}
+    attrs = {**kwargs, "has_mask": False, "has_sinks": True}
+    args = [t.double() for t in (q, k, v, sinks)]
+    exact_out, exact_lse = attention_reference(args, {**attrs, "with_lse": True}, [])
+    out, lse = exact_out.to(torch.bfloat16), exact_lse.float()
+    hopper_sized = FlashAttentionBackward(backend.name, backend.jit, HOPPER)
+    grads = hopper_sized(q, k, v, out, grad_out, lse, None, sinks, **kwargs, head_splits=8)
+    expected = attention_grad_reference([*args[:3], exact_out, grad_out.double(), exact_lse, args[3]], attrs, [])
+    for name, actual, exact in zip(("q", "k", "v", "sinks"), grads, expected):
+        assert relative_error(actual, exact) <= TOLERANCE[torch.bfloat16], f"grad_{name}"
+
+
 # ---------------------------------------------------------------------------- compiled modules
 def training_module() -> Module:
     """ft.attention with its lse, then ft.attention_grad, as a forward and backward graph would."""
@@ -249,7 +272,7 @@ def test_mqa_splits_the_group_until_the_gpu_is_full():
 
 def test_backward_kernels_compile_for_sm90_with_tensor_cores():
     """Causal bf16 at head dim 128 and MLA's 192/128 with a bool mask: the Q and KV kernels
-    compile for Hopper with their dots on wgmma."""
+    compile for Hopper with their dots on wgmma; and DeepSeek-V4's 512 with a window and sinks."""
     CompileForSm90.compiled.clear()
     backward = FlashAttentionBackward("sm90-compile-check", CompileForSm90, HOPPER)
     for dqk, dv, mask in ((128, 128, None), (192, 128, torch.empty(1, 1, 256, 256, dtype=torch.bool))):
@@ -261,6 +284,12 @@ def test_backward_kernels_compile_for_sm90_with_tensor_cores():
         backward(q, k, v, out, out, lse, mask, scale=0.1, causal="upper_left", window=0)
     assert len(CompileForSm90.compiled) == 4
     assert all("wgmma.mma_async" in c.asm["ptx"] for c in CompileForSm90.compiled)
+    q, kv = torch.empty(1, 64, 256, 512, dtype=torch.bfloat16), torch.empty(1, 1, 256, 512, dtype=torch.bfloat16)
+    shapes = [BackwardClass(kernel, "bf16", 512, 512, True, True, False, 64, 256, 256) for kernel in ("kv", "q")]
+    backward._chosen.update({shape: backward_candidates(shape, HOPPER)[0] for shape in shapes})
+    backward(q, kv, kv, q, q, torch.empty(1, 64, 256), None, torch.empty(64), scale=0.1, causal="lower_right",
+             window=128)
+    assert len(CompileForSm90.compiled) == 6  # DeepSeek-V4's head dim 512 compiles too
 
 
 def backward_shape_of(q, k, v, mask, kernel: str) -> BackwardClass:
