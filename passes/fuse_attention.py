@@ -528,8 +528,8 @@ class _Matcher:
             if len(users) != 1:
                 names = {u.name for u, _ in users}
                 why = ("returned attention weights, or a training forward graph saving them for the backward "
-                       "pass: F.scaled_dot_product_attention trains with fused kernels" if "func.return" in names
-                       else "e.g. returned attention weights")
+                       "pass, where attention fuses before aot_autograd: always for SDPA, for this spelling "
+                       "with static shapes" if "func.return" in names else "e.g. returned attention weights")
                 listed = ", ".join(sorted(names)) or "nothing"
                 raise NearMiss(f"the probabilities are used by {len(users)} ops ({listed}), not only by the p·v "
                                f"matmul ({why})")
