@@ -201,14 +201,14 @@ def test_deepseek_v4_head_dim_512_mqa_window_sinks(backend):
 
 
 # ---------------------------------------------------------------------------- compiled modules
-def training_module() -> Module:
+def training_module(dqk: int = 32, window: int = 8, causal: str = "lower_right") -> Module:
     """ft.attention with its lse, then ft.attention_grad, as a forward and backward graph would."""
     module = Module.empty()
-    types = ["tensor<2x4x17x64xbf16>", "tensor<2x2x33x64xbf16>", "tensor<2x2x33x32xbf16>", "tensor<2x4x17x32xbf16>",
-             "tensor<2x1x17x33xi1>"]
+    types = [f"tensor<2x4x17x{dqk}xbf16>", f"tensor<2x2x33x{dqk}xbf16>", "tensor<2x2x33x32xbf16>",
+             "tensor<2x4x17x32xbf16>", "tensor<2x1x17x33xi1>"]
     _, block = new_function(module, "main", [parse_type(t) for t in types])
     q, k, v, grad_out, mask = block.args
-    attrs = {"scale": 0.125, "causal": "lower_right", "window": 8, "has_mask": True, "has_sinks": False}
+    attrs = {"scale": 0.125, "causal": causal, "window": window, "has_mask": True, "has_sinks": False}
     builder = Builder(block)
     forward = builder.create("ft.attention", [q, k, v, mask], {**attrs, "with_lse": True})
     out, lse = forward.results
@@ -219,7 +219,7 @@ def training_module() -> Module:
 
 
 def test_compiled_training_module_launches_both_kernels(backend):
-    plan = backend.compile(training_module(), backend.capabilities())
+    plan = backend.compile(training_module(dqk=64), backend.capabilities())
     assert not plan.fallback_ops
     assert "with_lse=True)" in plan.source and "= flash_attention_backward(" in plan.source
     generator = torch.Generator().manual_seed(11)
@@ -233,14 +233,27 @@ def test_compiled_training_module_launches_both_kernels(backend):
         assert relative_error(actual, exact) <= TOLERANCE[torch.bfloat16]
 
 
-def test_the_cpu_backend_runs_the_reference_backward_counted():
-    """The cpu backend runs the forward (with its lse) on its kernel but has no backward kernel:
-    ft.attention_grad runs its reference, and the plan counts it."""
+def test_the_cpu_backend_calls_torchs_flash_backward_where_it_applies():
+    """The cpu backend runs the forward (with its lse) on its own kernel and the backward
+    through torch's CPU flash-attention backward, matching fp64 (GQA, a bool mask with a fully
+    hidden row); a window (which that kernel lacks) runs the reference, counted."""
     from flagtree.backends.cpu import CpuBackend
 
     backend = CpuBackend()
-    plan = backend.compile(training_module(), backend.capabilities())
-    assert [name.split(" ")[0] for name in plan.fallback_ops] == ["ft.attention_grad"]
+    generator = torch.Generator().manual_seed(13)
+    for window, causal in ((0, "upper_left"), (8, "lower_right")):
+        module = training_module(window=window, causal=causal)
+        plan = backend.compile(module, backend.capabilities())
+        kernel_fallbacks = [name.split(" ")[0] for name in plan.fallback_ops]
+        assert kernel_fallbacks == ([] if window == 0 else ["ft.attention_grad"])
+        inputs = [torch.randn(*shape, generator=generator).bfloat16()
+                  for shape in ((2, 4, 17, 32), (2, 2, 33, 32), (2, 2, 33, 32), (2, 4, 17, 32))]
+        mask = torch.rand(2, 1, 17, 33, generator=generator) < 0.8
+        mask[:, :, 3] = False
+        _, *grads = plan(*inputs, mask)
+        attrs = {"scale": 0.125, "causal": causal, "window": window, "has_mask": True, "has_sinks": False}
+        for actual, exact in zip(grads, exact_gradients([*inputs[:3], mask], attrs, inputs[3], torch.float64)):
+            assert not actual.isnan().any() and relative_error(actual, exact) <= TOLERANCE[torch.bfloat16]
 
 
 # ----------------------------------------------------------------------------------- configs

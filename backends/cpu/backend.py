@@ -2,7 +2,8 @@
 
 The executable is a launch plan (backends/lowering.py): each `ft.fusion` (linalg on tensors)
 and each `ft.attention` (a tiled online softmax, attention.py) becomes one JIT-compiled
-kernel call, matmuls call torch's BLAS, every other op its eager reference.
+kernel call, matmuls call torch's BLAS, `ft.attention_grad` torch's CPU flash-attention
+backward where it applies (attention_backward.py), every other op its eager reference.
 Kernels are cached on disk as LLVM-dialect MLIR (the lowering pipeline's output), so a
 process that finds a kernel there skips FTIR → MLIR and the pipeline, and only runs
 LLVM's code generation.
@@ -20,6 +21,7 @@ import torch
 
 import flagtree
 from flagtree.backends.base import Availability, Backend, Capabilities
+from flagtree.backends.cpu.attention_backward import attention_grad_lowering
 from flagtree.backends.cpu.host import host_cpu
 from flagtree.backends.lowering import UnsupportedRegion, lower_function
 from flagtree.errors import FlagtreeError
@@ -57,7 +59,8 @@ class CpuBackend(Backend):
 
     def compile(self, module: Module, capabilities: Capabilities) -> LaunchPlan:
         kernels = _KernelCompiler(capabilities)
-        return lower_function(module, self.name, {"ft.fusion": kernels, "ft.attention": kernels})
+        return lower_function(module, self.name, {"ft.fusion": kernels, "ft.attention": kernels,
+                                                  "ft.attention_grad": attention_grad_lowering})
 
     def emit_forms(self) -> tuple[str, ...]:
         return ("mlir", "python")
