@@ -131,6 +131,23 @@ def _mask_scores(scores, visible, mask, mask_offsets, HAS_MASK: tl.constexpr, MA
     return tl.where(visible, scores, float("-inf"))
 
 
+def _hidden_scores(scores, qk_scale, key, position, row_valid, Skv, causal_offset, window, mask, mask_offsets,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """`scores` scaled to base 2, the mask operand applied, and the keys a row does not see
+    (causal offset, window) at -inf; `key` and `position` shaped as for _visible."""
+    visible = _visible(key, position, row_valid, Skv, causal_offset, window, CAUSAL, WINDOW)
+    return _mask_scores(scores * qk_scale, visible, mask, mask_offsets, HAS_MASK, MASK_IS_BOOL)
+
+
+def _phase_range(phase: tl.constexpr, lo, clean_lo, clean_hi, hi):
+    """[start, stop) of a block loop's phase: 0 before the blocks seen whole, 1 those, 2 after."""
+    if phase == 0:
+        return lo, clean_lo
+    if phase == 1:
+        return clean_lo, clean_hi
+    return clean_hi, hi
+
+
 def _initial_max(sinks, head, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr):
     """The running max and denominator before any key: the sink's logit and 1, or -inf and 0."""
     if HAS_SINKS:  # a sink of -inf adds nothing (and a row that sees no key then has denominator 0)
@@ -254,15 +271,7 @@ def attention_forward(
     for phase in tl.static_range(3):
         # 0: the window's partly hidden first blocks; 1: blocks every row sees whole; 2: diagonal and end
         masked = phase != 1
-        if phase == 0:
-            start = lo
-            stop = clean_lo
-        elif phase == 1:
-            start = clean_lo
-            stop = clean_hi
-        else:
-            start = clean_hi
-            stop = hi
+        start, stop = _phase_range(phase, lo, clean_lo, clean_hi, hi)
         if phase != 0 or WINDOW:
             for start_n in tl.range(start, stop, BLOCK_N):
                 step = start_n - lo
@@ -272,10 +281,9 @@ def attention_forward(
                                            step * stride_kn, in_range, cols1, cols2, HEAD_DQK, BLOCK_N, DQK1, DQK2,
                                            SPLIT_QK, masked, USE_TMA, DOT_DTYPE)
                 if masked or HAS_MASK:
-                    visible = _visible(key[None, :], position[:, None], row_valid[:, None], Skv, causal_offset, window,
-                                       CAUSAL, WINDOW)
-                    scores = _mask_scores(scores * qk_scale, visible, mask, mask_offsets + step * stride_mn, HAS_MASK,
-                                          MASK_IS_BOOL)
+                    scores = _hidden_scores(scores, qk_scale, key[None, :], position[:, None], row_valid[:, None], Skv,
+                                            causal_offset, window, mask, mask_offsets + step * stride_mn, CAUSAL,
+                                            WINDOW, HAS_MASK, MASK_IS_BOOL)
                 p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, qk_scale, masked or HAS_MASK)
                 if KV_SHARED:
                     values = k1
@@ -500,15 +508,7 @@ def attention_backward_kv(
         for phase in tl.static_range(3):
             # 0: row blocks at the causal diagonal; 1: row blocks that see the whole key block; 2: the rest
             masked = phase != 1
-            if phase == 0:
-                start = lo
-                stop = clean_lo
-            elif phase == 1:
-                start = clean_lo
-                stop = clean_hi
-            else:
-                start = clean_hi
-                stop = hi
+            start, stop = _phase_range(phase, lo, clean_lo, clean_hi, hi)
             if phase != 0 or CAUSAL:
                 for start_m in tl.range(start, stop, BLOCK_M):
                     position = start_m + rows
@@ -525,12 +525,12 @@ def attention_backward_kv(
                         q2 = _load_tile(q_rows + cols2[None, :] * stride_qd, row_valid, cols2, HEAD_DQK,
                                         DQK1 + DQK2, True, DOT_DTYPE)
                         scores_t = tl.dot(k2, tl.trans(q2), scores_t, input_precision="ieee")
-                    if masked or HAS_MASK:
-                        visible = _visible(key[:, None], position[None, :], row_valid[None, :], Skv, causal_offset,
-                                           window, CAUSAL, WINDOW)
+                    if masked or HAS_MASK:  # p = exp2(s - lse), hidden keys at -inf first
                         offsets = mask_head + key.to(tl.int64)[:, None] * stride_mn \
                             + position.to(tl.int64)[None, :] * stride_ms
-                        scores_t = _mask_scores(scores_t * qk_scale, visible, mask, offsets, HAS_MASK, MASK_IS_BOOL)
+                        scores_t = _hidden_scores(scores_t, qk_scale, key[:, None], position[None, :],
+                                                  row_valid[None, :], Skv, causal_offset, window, mask, offsets,
+                                                  CAUSAL, WINDOW, HAS_MASK, MASK_IS_BOOL)
                         p_t = tl.math.exp2(scores_t - lse2[None, :])
                     else:
                         p_t = tl.math.exp2(scores_t * qk_scale - lse2[None, :])
@@ -618,15 +618,7 @@ def attention_backward_q(
     for phase in tl.static_range(3):
         # 0: the window's partly hidden first blocks; 1: blocks every row sees whole; 2: diagonal and end
         masked = phase != 1
-        if phase == 0:
-            start = lo
-            stop = clean_lo
-        elif phase == 1:
-            start = clean_lo
-            stop = clean_hi
-        else:
-            start = clean_hi
-            stop = hi
+        start, stop = _phase_range(phase, lo, clean_lo, clean_hi, hi)
         if phase != 0 or WINDOW:
             for start_n in tl.range(start, stop, BLOCK_N):
                 key = start_n + keys
@@ -641,11 +633,11 @@ def attention_backward_q(
                     k2 = _load_tile(k_rows + cols2[None, :] * stride_kd, key_valid, cols2, HEAD_DQK, DQK1 + DQK2,
                                     True, DOT_DTYPE)
                     scores = tl.dot(q2, tl.trans(k2), scores, input_precision="ieee")
-                if masked or HAS_MASK:
-                    visible = _visible(key[None, :], position[:, None], row_valid[:, None], Skv, causal_offset,
-                                       window, CAUSAL, WINDOW)
-                    scores = _mask_scores(scores * qk_scale, visible, mask,
-                                          mask_rows + key.to(tl.int64)[None, :] * stride_mn, HAS_MASK, MASK_IS_BOOL)
+                if masked or HAS_MASK:  # p = exp2(s - lse), hidden keys at -inf first
+                    scores = _hidden_scores(scores, qk_scale, key[None, :], position[:, None], row_valid[:, None], Skv,
+                                            causal_offset, window, mask,
+                                            mask_rows + key.to(tl.int64)[None, :] * stride_mn, CAUSAL, WINDOW,
+                                            HAS_MASK, MASK_IS_BOOL)
                     p = tl.math.exp2(scores - lse2[:, None])
                 else:
                     p = tl.math.exp2(scores * qk_scale - lse2[:, None])
