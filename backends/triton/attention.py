@@ -576,6 +576,22 @@ def flash_attention(backend: str, jit: Jit, caps: Capabilities) -> FlashAttentio
     return FlashAttention(backend, jit, caps)
 
 
+def write_attention_call(writer: PlanWriter, callee: str, op: Operation, operands: list[str],
+                         tensors: int) -> list[str]:
+    """The plan line calling `callee` for an ft.attention or ft.attention_grad `op`: its first
+    `tensors` operands, then mask=, sinks= (when it has them), its attributes as keywords."""
+    attributes = op.attributes
+    keywords = [f"mask={operands[tensors]}"] if attributes["has_mask"] else []
+    if attributes["has_sinks"]:
+        keywords.append(f"sinks={operands[-1]}")
+    keywords += [f"scale={attributes['scale']!r}", f"causal={attributes['causal']!r}", f"window={attributes['window']}"]
+    if attributes.get("with_lse", False):
+        keywords.append("with_lse=True")
+    results = [writer.new_buffer() for _ in op.results]
+    writer.line(f"{', '.join(results)} = {callee}({', '.join([*operands[:tensors], *keywords])})")
+    return results
+
+
 def attention_lowering(backend: str, jit: Jit, caps: Capabilities) -> Callable[[Operation, PlanWriter, list[str]],
                                                                               list[str]]:
     """The OpLowering of ft.attention for a Triton backend."""
@@ -584,19 +600,7 @@ def attention_lowering(backend: str, jit: Jit, caps: Capabilities) -> Callable[[
         problem = unsupported_reason(op, caps)
         if problem:
             raise UnsupportedRegion(problem)
-        callee = writer.bind("flash_attention", flash_attention(backend, jit, caps))
-        attributes = op.attributes
-        optional = []
-        if attributes["has_mask"]:
-            optional.append(f"mask={operands[3]}")
-        if attributes["has_sinks"]:
-            optional.append(f"sinks={operands[-1]}")
-        results = [writer.new_buffer() for _ in op.results]
-        arguments = [*operands[:3], *optional, f"scale={attributes['scale']!r}", f"causal={attributes['causal']!r}",
-                     f"window={attributes['window']}"]
-        if attributes.get("with_lse", False):
-            arguments.append("with_lse=True")
-        writer.line(f"{', '.join(results)} = {callee}({', '.join(arguments)})")
-        return results
+        return write_attention_call(writer, writer.bind("flash_attention", flash_attention(backend, jit, caps)), op,
+                                    operands, tensors=3)
 
     return lower

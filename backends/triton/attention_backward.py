@@ -45,6 +45,7 @@ from flagtree.backends.triton.attention import (
     power_of_two_at_least,
     qk_column_blocks,
     strides_of,
+    write_attention_call,
 )
 from flagtree.backends.triton.library import Jit
 from flagtree.ir.core import Operation
@@ -289,14 +290,6 @@ def attention_grad_lowering(backend: str, jit: Jit, caps: Capabilities) -> Calla
         if problem:
             raise UnsupportedRegion(problem)
         callee = writer.bind("flash_attention_backward", flash_attention_backward(backend, jit, caps))
-        attributes = op.attributes
-        optional = [f"mask={operands[6]}"] if attributes["has_mask"] else []
-        if attributes["has_sinks"]:
-            optional.append(f"sinks={operands[-1]}")
-        results = [writer.new_buffer() for _ in op.results]
-        arguments = [*operands[:6], *optional, f"scale={attributes['scale']!r}", f"causal={attributes['causal']!r}",
-                     f"window={attributes['window']}"]
-        writer.line(f"{', '.join(results)} = {callee}({', '.join(arguments)})")
-        return results
+        return write_attention_call(writer, callee, op, operands, tensors=6)
 
     return lower
