@@ -64,18 +64,23 @@ def _dims_agree(a: int | None, b: int | None) -> bool:
     return a is None or b is None or a == b
 
 
-def _check_operands(op: Operation) -> str | None:
-    """Why the operands do not form an attention, or None."""
+def _operand_types(op: Operation, leading: tuple[str, ...]) -> list[TensorType] | str:
+    """The operand types of an ft.attention(_grad) whose operands are `leading`, then the mask and
+    sinks its attributes announce, once they form an attention; else why not."""
     a = op.attributes
-    expected = 3 + a["has_mask"] + a["has_sinks"]
-    if len(op.operands) != expected:
-        return f"expected {expected} operands (q, k, v{', mask' * a['has_mask']}{', sinks' * a['has_sinks']}), " \
-               f"got {len(op.operands)}"
+    names = [*leading, *(["mask"] if a["has_mask"] else []), *(["sinks"] if a["has_sinks"] else [])]
+    if len(op.operands) != len(names):
+        return f"expected {len(names)} operands ({', '.join(names)}), got {len(op.operands)}"
     types = [v.type for v in op.operands]
     if not all(isinstance(t, TensorType) for t in types):
         return "every operand must be a tensor"
-    return _check_attention_types(types[:3], types[3] if a["has_mask"] else None,
-                                  types[-1] if a["has_sinks"] else None, a)
+    problem = _check_attention_types(types[:3], types[len(leading)] if a["has_mask"] else None,
+                                     types[-1] if a["has_sinks"] else None, a)
+    return problem or types
+
+
+def _result_type(q: TensorType, v: TensorType) -> TensorType:
+    return TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype)
 
 
 def _check_attention_types(qkv: list[TensorType], mask: TensorType | None, sinks: TensorType | None,
@@ -118,35 +123,25 @@ def _lse_type(q: TensorType) -> TensorType:
 
 
 def _infer_attention(op: Operation) -> list[Type] | str:
-    problem = _check_operands(op)
-    if problem:
-        return problem
-    q, _, v = (o.type for o in op.operands[:3])
-    out = TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype)
-    return [out, _lse_type(q)] if op.attributes.get("with_lse", False) else [out]
+    types = _operand_types(op, ("q", "k", "v"))
+    if isinstance(types, str):
+        return types
+    q, _, v = types[:3]
+    return [_result_type(q, v), _lse_type(q)] if op.attributes.get("with_lse", False) else [_result_type(q, v)]
 
 
 def _infer_attention_grad(op: Operation) -> list[Type] | str:
-    a = op.attributes
-    expected = 6 + a["has_mask"] + a["has_sinks"]
-    if len(op.operands) != expected:
-        return f"expected {expected} operands (q, k, v, out, grad_out, lse{', mask' * a['has_mask']}" \
-               f"{', sinks' * a['has_sinks']}), got {len(op.operands)}"
-    types = [v.type for v in op.operands]
-    if not all(isinstance(t, TensorType) for t in types):
-        return "every operand must be a tensor"
+    types = _operand_types(op, ("q", "k", "v", "out", "grad_out", "lse"))
+    if isinstance(types, str):
+        return types
     q, k, v, out, grad_out, lse = types[:6]
-    sinks = types[-1] if a["has_sinks"] else None
-    problem = _check_attention_types([q, k, v], types[6] if a["has_mask"] else None, sinks, a)
-    if problem:
-        return problem
-    expected_out = TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q.dtype)
+    expected_out = _result_type(q, v)
     for name, t in (("out", out), ("grad_out", grad_out)):
         if t.dtype != q.dtype or t.rank != 4 or not all(map(_dims_agree, t.shape, expected_out.shape)):
             return f"{name} {t} must be the attention's result type {expected_out}"
     if lse.dtype != _lse_type(q).dtype or lse.rank != 3 or not all(map(_dims_agree, lse.shape, q.shape[:3])):
         return f"lse {lse} must be the forward's log-sum-exp, {_lse_type(q)}"
-    return [q, k, v, *([sinks] if sinks is not None else [])]
+    return [q, k, v, *([types[-1]] if op.attributes["has_sinks"] else [])]
 
 
 def visible_keys(sq: int, skv: int, causal: str, window: int, device: torch.device | None = None) -> torch.Tensor:
