@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -189,15 +190,23 @@ def machine_rates(device: str) -> dict:
 
 def measure(label: str, fn: Callable[[], torch.Tensor], expected: torch.Tensor, device: str) -> dict:
     """Run once (compiling, tuning), check against `expected`, then time; errors are recorded."""
+    return measure_checked(label, lambda: fn, lambda out: relative_error(out, expected), device)
+
+
+def measure_checked(label: str, prepare: Callable[[], Callable[[], Any]], error_of: Callable[[Any], float],
+                    device: str) -> dict:
+    """`prepare()` (a forward, a compile) gives the call to time: run it once (compiling,
+    tuning), record `error_of` its result, then time it; a failure is recorded and printed."""
     try:
         start = time.perf_counter()
-        out = fn()
+        run = prepare()
+        out = run()
         if device == "cuda":
             torch.cuda.synchronize()
         first_s = time.perf_counter() - start
-        error = relative_error(out, expected)
+        error = error_of(out)
         del out
-        result = {"first_call_s": first_s, "rel_l2_vs_fp64": error, "ms": time_ms(fn, device)}
+        result = {"first_call_s": first_s, "rel_l2_vs_fp64": error, "ms": time_ms(run, device)}
     except Exception as e:  # OOM, a backend that cannot run this case, a compile failure: reported, not fatal
         result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     if device == "cuda":

@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import flagtree
-from benchmarks.attention import explicit_causal, machine_rates, time_ms
+from benchmarks.attention import explicit_causal, machine_rates, measure_checked
 from flagtree.ir.ops.attention import attention_reference, visible_keys
 
 TOLERANCE = 1.6e-2
@@ -132,24 +131,12 @@ def flagtree_kernel_backward(inputs: tuple[torch.Tensor, ...], device: str) -> C
 
 def measure(label: str, prepare: Callable[[], Callable[[], list]], expected: list[torch.Tensor],
             device: str) -> dict:
-    """Prepare (forward, compile), run the backward once and check it, then time it."""
-    try:
-        start = time.perf_counter()
-        backward = prepare()
-        grads = backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        first_s = time.perf_counter() - start
-        errors = [((g[:, :CHECKED_HEADS].double() - e).norm() / e.norm()).item() for g, e in zip(grads, expected)]
-        del grads
-        result = {"first_call_s": first_s, "rel_l2_vs_fp64": max(errors), "ms": time_ms(backward, device)}
-    except Exception as e:  # OOM, a backend that cannot run this case: reported, not fatal
-        result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    print(f"  {label:<30} " + (f"{result['ms'] * 1e3:10.1f} us  err {result['rel_l2_vs_fp64']:.1e}"
-                               if "ms" in result else result["error"]), flush=True)
-    return result
+    """Prepare (forward, compile), run the backward once and check its gradients (the worst of
+    the first heads' relative errors), then time it."""
+    def error_of(grads: list[torch.Tensor]) -> float:
+        return max(((g[:, :CHECKED_HEADS].double() - e).norm() / e.norm()).item() for g, e in zip(grads, expected))
+
+    return measure_checked(label, prepare, error_of, device)
 
 
 def run_case(case: Case, device: str) -> dict:
