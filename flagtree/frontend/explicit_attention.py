@@ -99,10 +99,9 @@ class _Rewiring:
         imported = import_graph(aten)
         self.module: Module = imported.module
         self.origin = {id(v): node for node, v in imported.node_values.items() if isinstance(v, Value)}
-        # Each imported value's users now, so the value replacing it can be found after the pass.
-        self.users = {id(v): [(op, i) for op, i in v.uses] for v in imported.node_values.values()
-                      if isinstance(v, Value)}
         self.values = {id(v): v for v in imported.node_values.values() if isinstance(v, Value)}
+        # Each imported value's users now, so the value replacing it can be found after the pass.
+        self.users = {key: list(v.uses) for key, v in self.values.items()}
         self.built: dict[int, fx.Node] = {}
 
     def run(self) -> int:
