@@ -87,7 +87,10 @@ def test_dynamic_training_compiles_once_and_matches_fp64():
         assert_matches_fp64(out, reference_out, torch.float32, f"output at length {length}")
         assert_gradients_match_fp64(grads, reference_grads, torch.float32, f"length {length}")
     assert len(calls) == 1
-    assert sorted(r.graph.rsplit("_", 1)[1] for r in flagtree.reports()) == ["backward", "forward"]
+    reports = {r.graph.rsplit("_", 1)[1]: r for r in flagtree.reports()}
+    assert sorted(reports) == ["backward", "forward"]
+    # the explicit causal attention trains fused at symbolic lengths too
+    assert reports["forward"].fusions["attention"] == 1 and reports["backward"].fusions["attention_grad"] == 1
 
 
 # --------------------------------------------------------------------------- size materializer

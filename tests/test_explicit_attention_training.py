@@ -1,9 +1,10 @@
 """Explicit attention spellings in training (frontend/explicit_attention.py): the forward graph
-holds one ft.attention, the backward one ft.attention_grad, and every gradient matches fp64;
-what cannot be rewired (dynamic shapes) trains unfused, still exactly."""
+holds one ft.attention, the backward one ft.attention_grad, and every gradient matches fp64,
+with static sizes and with symbolic ones (batch, heads and lengths dynamic)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -59,11 +60,11 @@ def _inputs(heads: tuple[int, int], generator: torch.Generator) -> list[torch.Te
     return [torch.randn(s, generator=generator).requires_grad_() for s in shapes]
 
 
-def _train(fn, inputs, extra, dynamic=False) -> tuple[list[torch.Tensor], dict[str, int]]:
-    """Gradients of a random weighting of fn's output, compiled on the interpret backend, and the
-    fusions of its graphs."""
+def _train(fn, inputs, extra, compiled=None) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Gradients of a random weighting of fn's output, compiled on the interpret backend (or by
+    `compiled`), and the fusions of its graphs."""
     flagtree.clear_reports()
-    compiled = torch.compile(fn, backend="flagtree", options={"target": "interpret"}, dynamic=dynamic)
+    compiled = compiled or torch.compile(fn, backend="flagtree", options={"target": "interpret"})
     out = compiled(*inputs, *extra)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     (out * weights).sum().backward()
@@ -104,12 +105,23 @@ def test_sinks_train_fused_with_their_gradient():
     assert_matches_fp64(sinks.grad, twin.grad, torch.float32, "gradient of the sinks")
 
 
-def test_dynamic_shapes_train_unfused_and_exact():
-    """Rewiring needs static shapes: under dynamic=True the decomposed attention trains (its
-    probabilities saved for the backward)."""
-    generator = torch.Generator().manual_seed(5)
-    _, fusions = _train(sliding_window_where, _inputs((2, 2), generator), (), dynamic=True)
-    assert "attention_grad" not in fusions
+@pytest.mark.parametrize("name", list(SPELLINGS))
+def test_symbolic_sizes_train_fused(name):
+    """Batch, heads and lengths marked dynamic: the trace keeps Dynamo's symbols and the sizes
+    fuse-attention computed are spelled back in FX (sym_size, arithmetic), so training still
+    runs ft.attention and ft.attention_grad, and one compiled graph serves other sizes."""
+    fn, heads, has_mask, _ = SPELLINGS[name]
+    compiled = torch.compile(fn, backend="flagtree", options={"target": "interpret"})
+    for batch, lengths, seed in ((2, (9, 11), 5), (3, (6, 14), 6)):
+        generator = torch.Generator().manual_seed(seed)
+        shapes = [(batch, heads[0], lengths[0], 8), *[(batch, heads[1], lengths[1], 8)] * 2]
+        inputs = [torch.randn(s, generator=generator).requires_grad_() for s in shapes]
+        for t, dim in itertools.product(inputs, (0, 1, 2)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        extra = (torch.rand(batch, 1, 1, lengths[1], generator=generator) > 0.3,) if has_mask else ()
+        _, fusions = _train(fn, inputs, extra, compiled)
+        compiled_now = {kind: n for kind, n in fusions.items() if kind.startswith("attention")}
+        assert compiled_now == ({"attention": 1, "attention_grad": 1} if seed == 5 else {}), compiled_now
 
 
 @pytest.mark.parametrize("name", ["transformer_block", "deepseek_block"])
@@ -127,3 +139,13 @@ def test_zoo_attention_trains_fused(name):
     kinds = {kind for report in flagtree.reports() for kind in report.fusions}
     assert {"attention", "attention_grad"} <= kinds
     assert TOLERANCE[torch.float32]
+
+
+def test_a_scale_from_a_symbolic_head_dim_trains_fused():
+    """dynamic=True makes the head dim symbolic too: the scale d ** -0.5 is then Python
+    arithmetic on a SymFloat, which the trace imports as f64 scalar ops (ft.attention takes the
+    run-time scale).  The kernels need static head dims, so here they run their reference."""
+    generator = torch.Generator().manual_seed(8)
+    compiled = torch.compile(scaled_q_gqa, backend="flagtree", options={"target": "interpret"}, dynamic=True)
+    _, fusions = _train(scaled_q_gqa, _inputs((4, 2), generator), (), compiled)
+    assert {"attention", "attention_grad"} <= set(fusions)

@@ -967,7 +967,7 @@ def _scalar_arithmetic(ft_name: str) -> Lower:
 
 for _op, _ft in ((operator.add, "ft.add"), (operator.mul, "ft.mul"), (operator.sub, "ft.sub"),
                  (operator.floordiv, "ft.floordiv"), (operator.mod, "ft.remainder"), (operator.neg, "ft.neg"),
-                 (operator.truediv, "ft.div")):
+                 (operator.truediv, "ft.div"), (operator.pow, "ft.pow"), (torch._sym_sqrt, "ft.sqrt")):
     lowering(target_name(_op), ftir=_code(_ft) + " on scalars (i64 sizes, f64)")(_scalar_arithmetic(_ft))
 
 

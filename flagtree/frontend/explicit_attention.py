@@ -14,10 +14,13 @@ for a graph that needs gradients this module asks fuse-attention first, on the f
 4. aot_autograd gets that aten graph instead of Dynamo's; the dead matmul and softmax nodes
    are gone, and flagtree::attention's autograd formula supplies the backward.
 
-Only what maps back exactly is rewired: static shapes, operands built from FX nodes by
-reshape, transpose, broadcast, concat and cast.  Anything else keeps the graph as it was (the
-training graph stays unfused, which `flagtree-opt --explain` on its dump explains), and a
-failure to trace is logged, not raised.
+The trace runs on Dynamo's own fake inputs, so a graph compiled for symbolic sizes (dynamic=True,
+or a recompile after a size changed) keeps them: a dynamic size the pass computed (ft.dim and
+i64 arithmetic) is spelled back as sym_size and Python arithmetic on the graph's nodes.
+Only what maps back exactly is rewired: operands built from FX nodes by reshape, transpose,
+broadcast, concat and cast.  Anything else keeps the graph as it was (the training graph stays
+unfused, which `flagtree-opt --explain` on its dump explains), and a failure to trace is
+logged, not raised.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from flagtree.frontend.importer import import_graph
+from flagtree.frontend.importer import I64, import_graph
 from flagtree.ir.core import Module, Operation, OpResult, Value
 from flagtree.ir.types import TensorType
 from flagtree.passes import PassManager
@@ -50,10 +53,8 @@ def route_explicit_attention(gm: fx.GraphModule, example_inputs: Sequence[Any],
     when `gm` does not train, has none, or they cannot be rewired (see the module doc)."""
     if not _trains(example_inputs) or not any(_is_softmax(node) for node in gm.graph.nodes):
         return None
-    if _dynamic(gm):
-        return None
     try:
-        aten = _trace(gm, example_inputs, decompositions)
+        aten = _trace(gm, decompositions)
         rewired = _Rewiring(aten).run()
     except Exception as e:  # the graph then trains unfused, as it would without this step
         logger.warning("flagtree: explicit attention in this training graph stays unfused: %s: %s",
@@ -62,29 +63,17 @@ def route_explicit_attention(gm: fx.GraphModule, example_inputs: Sequence[Any],
     return aten if rewired else None
 
 
-def _trace(gm: fx.GraphModule, example_inputs: Sequence[Any],
-           decompositions: dict[Any, Callable[..., Any]]) -> fx.GraphModule:
-    """`gm` as an aten graph, traced on fake tensors of the inputs' static shapes (a fake mode of
-    its own: Dynamo's would make the sizes symbolic)."""
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = [fake_mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v
-             for v in example_inputs]
+def _trace(gm: fx.GraphModule, decompositions: dict[Any, Callable[..., Any]]) -> fx.GraphModule:
+    """`gm` as an aten graph, traced on the fake values Dynamo recorded for its inputs (static or
+    symbolic sizes exactly as Dynamo compiled them; sizes it passes as arguments stay arguments)."""
+    fakes = [node.meta["example_value"] for node in gm.graph.nodes if node.op == "placeholder"]
+    fake_mode = next(v.fake_mode for v in fakes if isinstance(v, FakeTensor))
     with fake_mode:
         return make_fx(gm, decomposition_table=decompositions, tracing_mode="real")(*fakes)
 
 
 def _trains(example_inputs: Sequence[Any]) -> bool:
     return torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs)
-
-
-def _dynamic(gm: fx.GraphModule) -> bool:
-    """Whether Dynamo compiled `gm` for symbolic sizes (its inputs then arrive as concrete ones)."""
-    for node in gm.graph.nodes:
-        value = node.meta.get("example_value") if node.op == "placeholder" else None
-        if isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor) and
-                                               any(isinstance(d, torch.SymInt) for d in value.shape)):
-            return True
-    return False
 
 
 def _is_softmax(node: fx.Node) -> bool:
@@ -135,16 +124,17 @@ class _Rewiring:
                 return user.operands[index]
         return None
 
-    def _fx(self, value: Value, anchor: fx.Node) -> fx.Node:
-        """`value` as an FX node of the aten graph (built before `anchor`)."""
+    def _fx(self, value: Value, anchor: fx.Node) -> fx.Node | int:
+        """`value` as an FX node of the aten graph (built before `anchor`); a constant size as an int."""
         if id(value) in self.origin and self.origin[id(value)] is not anchor:
             return self.origin[id(value)]
         if id(value) in self.built:
             return self.built[id(value)]
-        op = value.op if isinstance(value, OpResult) else None
-        if op is None or not isinstance(value.type, TensorType) or None in value.type.shape:
-            raise _Unmappable(f"{value.type} from {op.name if op else 'an argument'}")
-        build = _BUILDERS.get(op.name)
+        if not isinstance(value, OpResult):
+            raise _Unmappable(f"an argument of type {value.type} has no FX node")
+        op = value.op
+        sizes = _SIZE_BUILDERS if value.type == I64 else {}
+        build = (_TENSOR_BUILDERS if isinstance(value.type, TensorType) else sizes).get(op.name)
         if build is None:
             raise _Unmappable(f"{op.name} at {op.location} has no FX spelling here")
         node = build(self.aten.graph, op, [self._fx(v, anchor) for v in op.operands], value)
@@ -172,18 +162,39 @@ def _attention(graph: fx.Graph, op: Operation, operands: list[fx.Node], value: V
     return graph.call_function(operator.getitem, (call, 0))
 
 
-def _shape(value: Value) -> list[int]:
-    return list(value.type.shape)
+def _sizes(value: Value, operands: list[fx.Node | int]) -> list[fx.Node | int]:
+    """A sized op's result shape for aten: its static dims, and one size operand per `?` dim."""
+    dynamic = iter(operands[1:])
+    return [next(dynamic) if size is None else size for size in value.type.shape]
 
 
-_BUILDERS: dict[str, Callable[[fx.Graph, Operation, list[fx.Node], Value], fx.Node]] = {
+Builder = Callable[[fx.Graph, Operation, list[Any], Value], Any]
+_TENSOR_BUILDERS: dict[str, Builder] = {
     "ft.attention": _attention,
-    "ft.reshape": lambda g, op, xs, v: g.call_function(torch.ops.aten.reshape.default, (xs[0], _shape(v))),
-    "ft.broadcast_to": lambda g, op, xs, v: g.call_function(torch.ops.aten.expand.default, (xs[0], _shape(v))),
+    "ft.reshape": lambda g, op, xs, v: g.call_function(torch.ops.aten.reshape.default, (xs[0], _sizes(v, xs))),
+    "ft.broadcast_to": lambda g, op, xs, v: g.call_function(torch.ops.aten.expand.default, (xs[0], _sizes(v, xs))),
     "ft.transpose": lambda g, op, xs, v: g.call_function(torch.ops.aten.permute.default,
                                                          (xs[0], list(op.attributes["perm"]))),
     "ft.concat": lambda g, op, xs, v: g.call_function(torch.ops.aten.cat.default, (xs, op.attributes["dim"])),
     "ft.cast": lambda g, op, xs, v: g.call_function(torch.ops.prims.convert_element_type.default,
                                                     (xs[0], v.type.dtype.torch_dtype)),
 }
-_VIEWS_AND_CASTS = frozenset(_BUILDERS) - {"ft.attention"}
+_VIEWS_AND_CASTS = frozenset(_TENSOR_BUILDERS) - {"ft.attention"}
+
+
+def _size_arithmetic(function: Callable[[Any, Any], Any]) -> Builder:
+    return lambda g, op, xs, v: g.call_function(function, tuple(xs))
+
+
+# The i64 size ops symbolic sizes are built from (flagtree/frontend/symbolic.py), in FX.
+_SIZE_BUILDERS: dict[str, Builder] = {
+    "ft.constant": lambda g, op, xs, v: int(op.attributes["value"]),
+    "ft.dim": lambda g, op, xs, v: g.call_function(torch.ops.aten.sym_size.int, (xs[0], op.attributes["dim"])),
+    "ft.add": _size_arithmetic(operator.add),
+    "ft.sub": _size_arithmetic(operator.sub),
+    "ft.mul": _size_arithmetic(operator.mul),
+    "ft.floordiv": _size_arithmetic(operator.floordiv),
+    "ft.remainder": _size_arithmetic(operator.mod),
+    "ft.maximum": _size_arithmetic(torch.sym_max),
+    "ft.minimum": _size_arithmetic(torch.sym_min),
+}
