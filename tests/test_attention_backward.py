@@ -308,3 +308,19 @@ def test_backward_kernels_compile_for_sm90_with_tensor_cores():
 def backward_shape_of(q, k, v, mask, kernel: str) -> BackwardClass:
     return BackwardClass(kernel, "bf16", q.shape[3], v.shape[3], True, False, mask is not None,
                          q.shape[1] // k.shape[1], q.shape[2], k.shape[2])
+
+
+def test_each_call_signature_is_planned_once(backend, forward):
+    """Calls alternating between two lengths reuse one plan per signature, and give bit for bit
+    what a fresh backward object gives (nothing of the first call's tensors leaks into the next)."""
+    backward = FlashAttentionBackward(backend.name, backend.jit, backend.capabilities())
+    kwargs = {"scale": 0.3, "causal": "upper_left", "window": 0}
+    for length, seed in ((20, 1), (33, 2), (20, 3)):
+        generator = torch.Generator().manual_seed(seed)
+        q, k, v, grad_out = (torch.randn(1, 2, length, 16, generator=generator) for _ in range(4))
+        out, lse = forward(q, k, v, None, None, **kwargs, with_lse=True)
+        grads = backward(q, k, v, out, grad_out, lse, **kwargs)
+        fresh = FlashAttentionBackward(backend.name, backend.jit, backend.capabilities())(q, k, v, out, grad_out, lse,
+                                                                                           **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(grads, fresh))
+    assert len(backward._plans) == 2

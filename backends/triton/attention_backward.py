@@ -28,7 +28,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -157,7 +157,11 @@ def unsupported_reason(op: Operation, caps: Capabilities) -> str | None:
 
 
 class FlashAttentionBackward:
-    """`ft.attention_grad` for one backend and target, called from launch plans."""
+    """`ft.attention_grad` for one backend and target, called from launch plans.
+
+    Like the forward, a call's sizes, strides and constexprs are worked out once per signature
+    (shapes, strides, dtypes, attributes) and replayed; configurations once per shape class.
+    """
 
     def __init__(self, backend: str, jit: Jit, caps: Capabilities,
                  measure: Callable[[Callable[[], Any]], float] | None = None):
@@ -166,6 +170,7 @@ class FlashAttentionBackward:
         self.caps = caps
         self.tuner = ConfigTuner(backend, caps, measure or benchmark_ms, BackwardConfig)
         self._chosen: dict[BackwardClass, BackwardConfig] = {}
+        self._plans: dict[tuple, _BackwardPlan] = {}
 
     def __repr__(self) -> str:
         return f"FlashAttentionBackward({self.backend}, {self.caps.target})"
@@ -175,102 +180,113 @@ class FlashAttentionBackward:
                  scale: float, causal: str, window: int, head_splits: int | None = None) -> tuple[torch.Tensor, ...]:
         """(grad_q, grad_k, grad_v), plus grad_sinks with `sinks`; `head_splits` overrides how the
         KV kernel splits GQA groups.  The kernels need nothing of the sinks: the lse holds them."""
-        call = _Call(self, q, k, v, out, grad_out, lse, mask, scale, causal, window)
-        grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
+        tensors = _Tensors(q, k, v, out, grad_out, lse.contiguous(), mask)
+        signature = (*((t.shape, t.stride()) for t in tensors[:5]), q.dtype, q.device,
+                     None if mask is None else (mask.shape, mask.stride(), mask.dtype), scale, causal, window)
+        plan = self._plans.get(signature)
+        if plan is None:
+            plan = self._plans[signature] = _BackwardPlan(self, tensors, scale, causal, window)
         delta = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
         if q.numel() == 0 or k.numel() == 0:
-            grads = (grad_q.zero_(), torch.zeros_like(k), torch.zeros_like(v))
+            grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
         else:
-            call.query_gradient(delta, self._config(call, "q", delta), grad_q)
-            grads = (grad_q, *call.key_gradients(delta, self._config(call, "kv", delta), head_splits))
+            grad_q = plan.query_gradient(tensors, delta, self._config(plan, "q", tensors, delta))
+            grads = (grad_q, *plan.key_gradients(tensors, delta, self._config(plan, "kv", tensors, delta),
+                                                 head_splits))
         if sinks is None:
             return grads
-        return *grads, sink_gradient(sinks, call.lse, delta).to(sinks.dtype)
+        return *grads, sink_gradient(sinks, tensors.lse, delta).to(sinks.dtype)
 
-    def _config(self, call: _Call, kernel: str, delta: torch.Tensor) -> BackwardConfig:
-        """The kernel's configuration for this call's class: the first candidate, or on a GPU the
+    def _config(self, plan: _BackwardPlan, kernel: str, tensors: _Tensors, delta: torch.Tensor) -> BackwardConfig:
+        """The kernel's configuration for the plan's class: the first candidate, or on a GPU the
         fastest (the KV kernel is timed on the D the Q kernel stored in `delta`)."""
-        shape = call.shape(kernel)
+        shape = plan.shapes[kernel]
         config = self._chosen.get(shape)
         if config is None:
             candidates = backward_candidates(shape, self.caps)
             if not candidates:
                 raise UnsupportedRegion(f"no flash-attention backward tile fits {self.caps.target} for {shape}")
-            if call.q.device.type == "cpu":  # Triton's interpreter is not timed
+            if tensors.q.device.type == "cpu":  # Triton's interpreter is not timed
                 config = candidates[0]
             else:
-                grad_q = torch.empty_like(call.q)
-                run = call.key_gradients if kernel == "kv" else functools.partial(call.query_gradient, grad_q=grad_q)
+                run = plan.key_gradients if kernel == "kv" else plan.query_gradient
 
                 def prepare(config: BackwardConfig) -> Callable[[], Any]:
-                    return functools.partial(run, delta, config)
+                    return functools.partial(run, tensors, delta, config)
 
                 config = self.tuner.best(shape, candidates[:TUNED_CANDIDATES], prepare)
             self._chosen[shape] = config
         return config
 
 
-class _Call:
-    """One backward call's tensors and the launches of its kernels."""
+class _Tensors(NamedTuple):
+    """One backward call's inputs."""
 
-    def __init__(self, owner: FlashAttentionBackward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
-                 scale: float, causal: str, window: int):
-        self.owner = owner
-        self.q, self.k, self.v, self.out, self.grad_out, self.mask = q, k, v, out, grad_out, mask
-        self.lse = lse.contiguous()
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    grad_out: torch.Tensor
+    lse: torch.Tensor
+    mask: torch.Tensor | None
+
+
+class _BackwardPlan:
+    """The launches of one call signature: sizes, strides and constexprs of both kernels, worked
+    out once from the first call's tensors; each call passes its own."""
+
+    def __init__(self, owner: FlashAttentionBackward, t: _Tensors, scale: float, causal: str, window: int):
+        self.caps = owner.caps
         self.kernels = kernels_for(owner.backend, owner.jit)
-        batch, q_heads, sq, _ = q.shape
-        kv_heads, skv = k.shape[1], k.shape[2]
+        batch, q_heads, sq, head_dqk = t.q.shape
+        kv_heads, skv, head_dv = t.k.shape[1], t.k.shape[2], t.v.shape[3]
+        self.batch, self.q_heads, self.sq, self.kv_heads, self.skv = batch, q_heads, sq, kv_heads, skv
         self.group = q_heads // kv_heads
-        expanded_mask = mask.expand(batch, q_heads, sq, skv) if mask is not None else None
+        mask_strides = t.mask.expand(batch, q_heads, sq, skv).stride() if t.mask is not None else (0, 0, 0, 0)
         self.common = dict(
             Sq=sq, Skv=skv, kv_heads=kv_heads, group=self.group, q_heads=q_heads,
-            **strides_of("q", q.stride()), **strides_of("k", k.stride()), **strides_of("v", v.stride()),
-            **strides_of("m", expanded_mask.stride() if mask is not None else (0, 0, 0, 0)),
-            **strides_of("g", grad_out.stride()),
+            **strides_of("q", t.q.stride()), **strides_of("k", t.k.stride()), **strides_of("v", t.v.stride()),
+            **strides_of("m", mask_strides), **strides_of("g", t.grad_out.stride()),
             qk_scale=scale * math.log2(math.e), scale=scale, causal_offset=skv - sq if causal == "lower_right" else 0,
-            window=window, HEAD_DQK=q.shape[3], HEAD_DV=v.shape[3], DQK1=qk_column_blocks(q.shape[3])[0],
-            DQK2=qk_column_blocks(q.shape[3])[1] or MIN_DOT, DV=max(MIN_DOT, power_of_two_at_least(v.shape[3])),
-            CAUSAL=causal != "none", WINDOW=window > 0, HAS_MASK=mask is not None,
-            MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool, DOT_DTYPE=dot_dtype(self.kernels, q.dtype),
+            window=window, HEAD_DQK=head_dqk, HEAD_DV=head_dv, DQK1=qk_column_blocks(head_dqk)[0],
+            DQK2=qk_column_blocks(head_dqk)[1] or MIN_DOT, DV=max(MIN_DOT, power_of_two_at_least(head_dv)),
+            CAUSAL=causal != "none", WINDOW=window > 0, HAS_MASK=t.mask is not None,
+            MASK_IS_BOOL=t.mask is not None and t.mask.dtype == torch.bool,
+            DOT_DTYPE=dot_dtype(self.kernels, t.q.dtype),
         )
-        self.causal, self.window = causal, window
+        self.out_strides = strides_of("o", t.out.stride())
+        self.shapes = {kernel: BackwardClass(kernel, dtype_name(t.q.dtype), head_dqk, head_dv, causal != "none",
+                                             window > 0, t.mask is not None, self.group, power_of_two_at_least(sq),
+                                             power_of_two_at_least(skv)) for kernel in ("kv", "q")}
 
-    def shape(self, kernel: str) -> BackwardClass:
-        return BackwardClass(kernel, dtype_name(self.q.dtype), self.q.shape[3], self.v.shape[3],
-                             self.causal != "none", self.window > 0, self.mask is not None, self.group,
-                             power_of_two_at_least(self.q.shape[2]), power_of_two_at_least(self.k.shape[2]))
-
-    def key_gradients(self, delta: torch.Tensor, config: BackwardConfig,
+    def key_gradients(self, t: _Tensors, delta: torch.Tensor, config: BackwardConfig,
                       head_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, kv_heads, skv, _ = self.k.shape
-        programs = -(-skv // config.block_n) * batch * kv_heads
-        splits = head_splits or head_split_count(programs, self.group, self.owner.caps)
+        """grad_k and grad_v, from the D of each row in `delta`."""
+        key_blocks = -(-self.skv // config.block_n)
+        splits = head_splits or head_split_count(key_blocks * self.batch * self.kv_heads, self.group, self.caps)
         if self.group % splits:
             raise ValueError(f"{splits} head splits do not divide the GQA group of {self.group}")
         if splits == 1:
-            grad_k, grad_v = torch.empty_like(self.k), torch.empty_like(self.v)
+            grad_k, grad_v = torch.empty_like(t.k), torch.empty_like(t.v)
         else:
-            grad_k = torch.empty((splits * batch, *self.k.shape[1:]), dtype=torch.float32, device=self.k.device)
-            grad_v = torch.empty((splits * batch, *self.v.shape[1:]), dtype=torch.float32, device=self.v.device)
-        self.kernels.backward_kv[(-(-skv // config.block_n), batch * kv_heads * splits)](
-            q=self.q, k=self.k, v=self.v, mask=self.mask, grad_out=self.grad_out, lse=self.lse, delta=delta,
-            grad_k=grad_k, grad_v=grad_v, batches=batch, head_splits=splits, **self.common,
+            grad_k = torch.empty((splits * self.batch, *t.k.shape[1:]), dtype=torch.float32, device=t.k.device)
+            grad_v = torch.empty((splits * self.batch, *t.v.shape[1:]), dtype=torch.float32, device=t.v.device)
+        self.kernels.backward_kv[(key_blocks, self.batch * self.kv_heads * splits)](
+            q=t.q, k=t.k, v=t.v, mask=t.mask, grad_out=t.grad_out, lse=t.lse, delta=delta, grad_k=grad_k,
+            grad_v=grad_v, batches=self.batch, head_splits=splits, **self.common,
             **strides_of("dk", grad_k.stride()), **strides_of("dv", grad_v.stride()),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
         if splits == 1:
             return grad_k, grad_v
-        return (grad_k.view(splits, *self.k.shape).sum(0).to(self.k.dtype),
-                grad_v.view(splits, *self.v.shape).sum(0).to(self.v.dtype))
+        return (grad_k.view(splits, *t.k.shape).sum(0).to(t.k.dtype),
+                grad_v.view(splits, *t.v.shape).sum(0).to(t.v.dtype))
 
-    def query_gradient(self, delta: torch.Tensor, config: BackwardConfig, grad_q: torch.Tensor) -> torch.Tensor:
-        """grad_q into `grad_q`, and each row's D into `delta`."""
-        batch, q_heads, sq, _ = self.q.shape
-        self.kernels.backward_q[(-(-sq // config.block_m), batch * q_heads)](
-            q=self.q, k=self.k, v=self.v, mask=self.mask, out=self.out, grad_out=self.grad_out, lse=self.lse,
-            delta=delta, grad_q=grad_q, **self.common, **strides_of("o", self.out.stride()),
-            **strides_of("dq", grad_q.stride()),
+    def query_gradient(self, t: _Tensors, delta: torch.Tensor, config: BackwardConfig) -> torch.Tensor:
+        """grad_q, and each row's D into `delta`."""
+        grad_q = torch.empty_like(t.q, memory_format=torch.contiguous_format)
+        self.kernels.backward_q[(-(-self.sq // config.block_m), self.batch * self.q_heads)](
+            q=t.q, k=t.k, v=t.v, mask=t.mask, out=t.out, grad_out=t.grad_out, lse=t.lse, delta=delta, grad_q=grad_q,
+            **self.common, **self.out_strides, **strides_of("dq", grad_q.stride()),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
         return grad_q
 
