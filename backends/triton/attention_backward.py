@@ -11,6 +11,10 @@ D = Σ grad_out·out) and then `attention_backward_kv` (per block of keys of one
 grad_k and grad_v, the group's query heads summed in registers, no atomics).  Both
 recompute p = exp(s − lse) from the forward's lse instead of reading a saved [Sq, Skv]
 matrix, skip the blocks no row sees (causal, window) and mask only the blocks at the edges.
+Seven products per visible block instead of five, yet faster here than adding grad_q
+atomically from the KV kernel (FA2/FA3's way): on an H200 that variant took 1.7× as long
+(995 against 579 µs, bf16 16×128 causal, length 4096; 13.4 against 7.0 ms at 16384), its
+f32 atomics (a [BLOCK_M, D] tile per step) costing more than the two products they save.
 When the KV kernel's programs would leave most multiprocessors idle (MQA: one KV head for
 many query heads) the group is split across programs, each writing f32 partial sums that are
 added afterwards.
