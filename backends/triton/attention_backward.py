@@ -63,12 +63,13 @@ MAX_SCORE_REGISTERS = 64  # f32 registers per thread for the two [rows, keys] ti
 _ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), most promising first: the fastest of an H200 sweep
-# of every fitting tile (bf16, causal, head dims 128 and 192/128, length 4096), then smaller
-# tiles for head dim 512 (DeepSeek-V4; not timed on a GPU yet) and small shared memories.
+# of every fitting tile (bf16, causal, head dims 128 and 192/128, length 4096), then the
+# fastest for head dim 512 (DeepSeek-V4's MQA with window 128, the same sweep:
+# benchmarks/results/attention_backward_tiles_*), then small shared memories.
 # The KV kernel holds a block of keys and walks query rows; the Q kernel the reverse.
 _KV_TILES = ((64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (32, 128, 8, 3),
-             (64, 64, 8, 2), (16, 64, 4, 3), (16, 32, 4, 2), (32, 16, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2),
-             (16, 16, 4, 1))
+             (64, 64, 8, 2), (16, 64, 4, 3), (16, 32, 4, 2), (32, 32, 8, 1), (16, 16, 4, 2), (32, 16, 8, 2),
+             (16, 16, 8, 2), (16, 16, 4, 1))
 _Q_TILES = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 32, 4, 3), (128, 64, 8, 2),
             (128, 32, 8, 3), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2),
             (16, 16, 4, 1))
