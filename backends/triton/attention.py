@@ -78,8 +78,10 @@ _PREFERRED_TILES = (
     (16, 64, 4, 3, False), (16, 32, 4, 2, False), (16, 16, 4, 2, False), (16, 16, 4, 1, False),
 )
 TMA_MAX_COLUMNS = 256  # a tensor descriptor's tile is at most 256 elements wide
-# (BLOCK_M, num_warps, num_stages) of the one-block kernel, most promising first.
-_PREFERRED_ONE_BLOCK_TILES = ((64, 4, 3), (64, 8, 3), (64, 4, 2), (128, 8, 3), (32, 4, 3), (16, 4, 2))
+# (BLOCK_M, num_warps, num_stages) of the one-block kernel, most promising first (an H200 sweep
+# of every fitting one for DeepSeek-V4's head dim 512: 64 rows fastest for prefill, 16 rows with
+# 8 warps for decode; results/attention_tiles_v4_h200_2026-11-29.json).
+_PREFERRED_ONE_BLOCK_TILES = ((64, 4, 3), (64, 8, 3), (16, 8, 3), (64, 4, 2), (128, 8, 3), (32, 4, 3), (16, 4, 2))
 
 
 # ---------------------------------------------------------------------------------------- shapes
