@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flagtree.backends.interpret import InterpretBackend
-from flagtree.backends.triton.attention import FlashAttention
+from flagtree.backends.triton.attention import FlashAttention, dtype_name, power_of_two_at_least
 from flagtree.backends.triton.attention_backward import (
     BackwardClass,
     BackwardConfig,
@@ -114,7 +114,8 @@ def test_grad_reference_is_autograds_gradient_of_the_reference(problem):
 def test_backward_kernels_match_fp64_gradients(forward, backward, problem, split_heads):
     """The forward kernel's out and lse, then the backward kernels: grad_q, grad_k, grad_v within
     tolerance of fp64; rows that see no key get an exactly zero grad_q.  split_heads: the KV
-    kernel splits GQA groups across programs (f32 partial sums)."""
+    kernel splits GQA groups across programs (f32 partial sums); the problem's path picks the
+    looped or the one-block Q kernel."""
     inputs, scale, grad_out = training_problem(problem)
     q, k, v, mask = inputs
     p = dataclasses.replace(problem, sinks=False)
@@ -123,7 +124,8 @@ def test_backward_kernels_match_fp64_gradients(forward, backward, problem, split
     out, lse = forward(q, k, v, mask, None, **kwargs, with_lse=True)
     group = q.shape[1] // k.shape[1]
     splits = 2 if split_heads and group % 2 == 0 else None
-    grads = backward(q, k, v, out, grad_out, lse, mask, **kwargs, head_splits=splits)
+    grads = backward(q, k, v, out, grad_out, lse, mask, **kwargs, head_splits=splits,
+                     configs=forced_configs(backward.caps, p, q, k, v, mask))
     expected = exact_gradients(inputs, attrs, grad_out, torch.float64)
     eager = exact_gradients(inputs, attrs, grad_out, torch.float32)
     largest_logit = (torch.matmul(q.double(), k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scale).abs()
@@ -298,16 +300,29 @@ def test_backward_kernels_compile_for_sm90_with_tensor_cores():
     assert len(CompileForSm90.compiled) == 4
     assert all("wgmma.mma_async" in c.asm["ptx"] for c in CompileForSm90.compiled)
     q, kv = torch.empty(1, 64, 256, 512, dtype=torch.bfloat16), torch.empty(1, 1, 256, 512, dtype=torch.bfloat16)
-    shapes = [BackwardClass(kernel, "bf16", 512, 512, True, True, False, 64, 256, 256) for kernel in ("kv", "q")]
+    shapes = [backward_shape_of(q, kv, kv, None, kernel, "lower_right", 128) for kernel in ("kv", "q")]
     backward._chosen.update({shape: backward_candidates(shape, HOPPER)[0] for shape in shapes})
+    assert backward._chosen[shapes[1]].dim_chunk  # V4's window lets the one-block Q kernel hold every key
     backward(q, kv, kv, q, q, torch.empty(1, 64, 256), None, torch.empty(64), scale=0.1, causal="lower_right",
              window=128)
     assert len(CompileForSm90.compiled) == 6  # DeepSeek-V4's head dim 512 compiles too
+    assert "wgmma.mma_async" in CompileForSm90.compiled[4].asm["ptx"]  # the one-block Q kernel
 
 
-def backward_shape_of(q, k, v, mask, kernel: str) -> BackwardClass:
-    return BackwardClass(kernel, "bf16", q.shape[3], v.shape[3], True, False, mask is not None,
-                         q.shape[1] // k.shape[1], q.shape[2], k.shape[2])
+def backward_shape_of(q, k, v, mask, kernel: str, causal: str = "upper_left", window: int = 0) -> BackwardClass:
+    return BackwardClass(kernel, dtype_name(q.dtype), q.shape[3], v.shape[3], causal != "none", window > 0,
+                         mask is not None, q.shape[1] // k.shape[1], power_of_two_at_least(q.shape[2]),
+                         power_of_two_at_least(k.shape[2]), window)
+
+
+def forced_configs(caps, p: Problem, q, k, v, mask) -> tuple[BackwardConfig, BackwardConfig] | None:
+    """The problem's path applied to the Q kernel: "one_block" the one-block kernel (where a
+    window lets it hold every key a tile sees), "online" the looped one; else the tuned choice."""
+    if p.path not in ("one_block", "online"):
+        return None
+    q_shape, kv_shape = (backward_shape_of(q, k, v, mask, kernel, p.causal, p.window) for kernel in ("q", "kv"))
+    wanted = [c for c in backward_candidates(q_shape, caps) if bool(c.dim_chunk) == (p.path == "one_block")]
+    return (wanted[0], backward_candidates(kv_shape, caps)[0]) if wanted else None
 
 
 def test_each_call_signature_is_planned_once(backend, forward):

@@ -241,6 +241,12 @@ def _fitting(configs: list[AttentionConfig], shape: AttentionClass, caps: Capabi
     return useful or fitting
 
 
+def chunk_pack_count(packs_per_kv_head: int, kv_bytes: int, head_packs: int) -> int:
+    """How many head packs run next to each other (program order): as many as keep the K/V they
+    read within L2_BUDGET_BYTES, so those stay in L2 while the packs' tiles walk them."""
+    return min(max(L2_BUDGET_BYTES * packs_per_kv_head // max(kv_bytes, 1), 1), max(head_packs, 1))
+
+
 def split_count(programs: int, key_blocks: int, min_blocks: int, caps: Capabilities) -> int:
     """How many programs share each tile's key range: up to SPLIT_PROGRAMS_PER_MULTIPROCESSOR
     programs per multiprocessor when the tiles alone fill less than one program each, with at
@@ -269,6 +275,7 @@ class AttentionKernels:
     combine: Any
     backward_q: Any
     backward_kv: Any
+    backward_q_one_block: Any
     interpreted: bool
 
 
@@ -286,7 +293,7 @@ def kernels_for(backend: str, jit: Jit) -> AttentionKernels:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     kernels = AttentionKernels(*(jit(getattr(module, f"attention_{name}"), []) for name in (
-        "forward", "forward_one_block", "combine", "backward_q", "backward_kv")), False)
+        "forward", "forward_one_block", "combine", "backward_q", "backward_kv", "backward_q_one_block")), False)
     interpreted = isinstance(kernels.forward, InterpretedFunction)
     for helper_name, helper in list(vars(module).items()):
         if helper_name.startswith("_") and inspect.isfunction(helper) and helper.__module__ == name:
@@ -375,7 +382,7 @@ class FlashAttention:
         expanded_mask = mask.expand(batch, q_heads, sq, skv) if mask is not None else None  # broadcast: stride 0
         constants = dict(
             Sq=sq, Skv=skv, kv_heads=kv_heads, group=group, q_heads=q_heads, head_packs=head_packs,
-            chunk_packs=min(max(L2_BUDGET_BYTES * (group // config.pack) // max(kv_bytes, 1), 1), max(head_packs, 1)),
+            chunk_packs=chunk_pack_count(group // config.pack, kv_bytes, head_packs),
             scratch_rows=batch * q_heads * sq,
             **strides_of("q", q.stride()), **strides_of("k", k.stride()), **strides_of("v", v.stride()),
             **strides_of("m", expanded_mask.stride() if mask is not None else (0, 0, 0, 0)),

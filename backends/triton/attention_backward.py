@@ -40,9 +40,11 @@ from flagtree.backends.base import Capabilities
 from flagtree.backends.lowering import UnsupportedRegion
 from flagtree.backends.triton.attention import (
     MIN_DOT,
+    ONE_BLOCK_MAX_KEYS,
     SUPPORTED_DTYPES,
     ConfigTuner,
     benchmark_ms,
+    chunk_pack_count,
     dot_dtype,
     dtype_name,
     kernels_for,
@@ -73,6 +75,8 @@ _KV_TILES = ((64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 8, 3), (6
 _Q_TILES = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 32, 4, 3), (128, 64, 8, 2),
             (128, 32, 8, 3), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2),
             (16, 16, 4, 1))
+# (BLOCK_M, num_warps, num_stages, columns per step) of the one-block Q kernel, most promising first.
+_Q_ONE_BLOCK_TILES = ((64, 8, 2, 64), (64, 8, 3, 64), (64, 8, 1, 64), (32, 4, 2, 64), (16, 4, 2, 64))
 TUNED_CANDIDATES = 6
 
 
@@ -90,6 +94,20 @@ class BackwardClass:
     group: int
     query_bucket: int  # Sq rounded up to a power of two
     key_bucket: int  # Skv rounded up to a power of two
+    window_size: int = 0  # the window attribute (0: none)
+
+    @property
+    def max_pack(self) -> int:
+        """The largest power of two dividing the group: that many heads share each K/V tile."""
+        return self.group & -self.group
+
+    def one_block_keys(self, positions: int) -> int | None:
+        """The keys the one-block Q kernel holds for tiles of `positions` positions: every key
+        they see, where a window keeps those few; None where it does not apply."""
+        if not self.window_size:
+            return None
+        keys = max(MIN_DOT, power_of_two_at_least(min(self.key_bucket, self.window_size + positions - 1)))
+        return keys if keys <= ONE_BLOCK_MAX_KEYS else None
 
     @property
     def dqk(self) -> int:
@@ -103,15 +121,25 @@ class BackwardClass:
 
 @dataclass(frozen=True)
 class BackwardConfig:
+    """One launch configuration; with dim_chunk > 0 the one-block Q kernel (block_n is then the
+    number of keys it holds, pack the query heads of a GQA group in a tile)."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    pack: int = 1
+    dim_chunk: int = 0
 
 
 def backward_fits(config: BackwardConfig, shape: BackwardClass, caps: Capabilities) -> bool:
     """Whether the kernel's tiles fit the target's shared memory and its f32 tiles the registers."""
     threads = config.num_warps * caps.warp_size
+    if config.dim_chunk:  # two [rows, keys] f32 tiles; each step loads a chunk of rows and of keys
+        shared = max(config.num_stages, 1) * (config.block_m + config.block_n) * config.dim_chunk \
+            * _ELEMENT_BYTES[shape.dtype]
+        return (2 * config.block_m * config.block_n / threads <= MAX_SCORE_REGISTERS
+                and shared <= caps.shared_memory_bytes and threads <= caps.max_threads_per_block)
     width = shape.dqk + shape.dv
     # The kv kernel keeps a key block (K, V and both gradients) and streams query rows; q the reverse.
     held, streamed = (config.block_n, config.block_m) if shape.kernel == "kv" else (config.block_m, config.block_n)
@@ -129,7 +157,19 @@ def backward_candidates(shape: BackwardClass, caps: Capabilities) -> list[Backwa
     fitting = [c for c in (BackwardConfig(*t) for t in tiles) if backward_fits(c, shape, caps)]
     useful = [c for c in fitting if c.block_m <= max(shape.query_bucket, MIN_DOT)
               and c.block_n <= max(shape.key_bucket, MIN_DOT)]
-    return useful or fitting
+    one_block = _one_block_candidates(shape, caps) if shape.kernel == "q" else []
+    return one_block + (useful or fitting)
+
+
+def _one_block_candidates(shape: BackwardClass, caps: Capabilities) -> list[BackwardConfig]:
+    """The one-block Q kernel's configurations that fit, where the keys a tile sees fit one block."""
+    configs = []
+    for block_m, warps, stages, chunk in _Q_ONE_BLOCK_TILES:
+        pack = min(shape.max_pack, block_m)
+        keys = shape.one_block_keys(block_m // pack)
+        if keys is not None:
+            configs.append(BackwardConfig(block_m, keys, warps, stages, pack, chunk))
+    return [c for c in configs if backward_fits(c, shape, caps)]
 
 
 def head_split_count(programs: int, group: int, caps: Capabilities) -> int:
@@ -182,9 +222,11 @@ class FlashAttentionBackward:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
                  lse: torch.Tensor, mask: torch.Tensor | None = None, sinks: torch.Tensor | None = None, *,
-                 scale: float, causal: str, window: int, head_splits: int | None = None) -> tuple[torch.Tensor, ...]:
+                 scale: float, causal: str, window: int, head_splits: int | None = None,
+                 configs: tuple[BackwardConfig, BackwardConfig] | None = None) -> tuple[torch.Tensor, ...]:
         """(grad_q, grad_k, grad_v), plus grad_sinks with `sinks`; `head_splits` overrides how the
-        KV kernel splits GQA groups.  The kernels need nothing of the sinks: the lse holds them."""
+        KV kernel splits GQA groups, `configs` (the Q kernel's, the KV kernel's) the tuned
+        configurations.  The kernels need nothing of the sinks: the lse holds them."""
         tensors = _Tensors(q, k, v, out, grad_out, lse.contiguous(), mask)
         signature = (*((t.shape, t.stride()) for t in tensors[:5]), q.dtype, q.device,
                      None if mask is None else (mask.shape, mask.stride(), mask.dtype), scale, causal, window)
@@ -195,9 +237,10 @@ class FlashAttentionBackward:
         if q.numel() == 0 or k.numel() == 0:
             grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
         else:
-            grad_q = plan.query_gradient(tensors, delta, self._config(plan, "q", tensors, delta))
-            grads = (grad_q, *plan.key_gradients(tensors, delta, self._config(plan, "kv", tensors, delta),
-                                                 head_splits))
+            q_config = configs[0] if configs else self._config(plan, "q", tensors, delta)
+            grad_q = plan.query_gradient(tensors, delta, q_config)
+            kv_config = configs[1] if configs else self._config(plan, "kv", tensors, delta)
+            grads = (grad_q, *plan.key_gradients(tensors, delta, kv_config, head_splits))
         if sinks is None:
             return grads
         return *grads, sink_gradient(sinks, tensors.lse, delta).to(sinks.dtype)
@@ -253,16 +296,18 @@ class _BackwardPlan:
             **strides_of("q", t.q.stride()), **strides_of("k", t.k.stride()), **strides_of("v", t.v.stride()),
             **strides_of("m", mask_strides), **strides_of("g", t.grad_out.stride()),
             qk_scale=scale * math.log2(math.e), scale=scale, causal_offset=skv - sq if causal == "lower_right" else 0,
-            window=window, HEAD_DQK=head_dqk, HEAD_DV=head_dv, DQK1=qk_column_blocks(head_dqk)[0],
-            DQK2=qk_column_blocks(head_dqk)[1] or MIN_DOT, DV=max(MIN_DOT, power_of_two_at_least(head_dv)),
-            CAUSAL=causal != "none", WINDOW=window > 0, HAS_MASK=t.mask is not None,
-            MASK_IS_BOOL=t.mask is not None and t.mask.dtype == torch.bool,
+            window=window, HEAD_DQK=head_dqk, HEAD_DV=head_dv, CAUSAL=causal != "none", WINDOW=window > 0,
+            HAS_MASK=t.mask is not None, MASK_IS_BOOL=t.mask is not None and t.mask.dtype == torch.bool,
             DOT_DTYPE=dot_dtype(self.kernels, t.q.dtype),
         )
+        # the looped kernels hold whole rows: the qk head dim as two power-of-two blocks, v's padded
+        self.column_blocks = dict(DQK1=qk_column_blocks(head_dqk)[0], DQK2=qk_column_blocks(head_dqk)[1] or MIN_DOT,
+                                  DV=max(MIN_DOT, power_of_two_at_least(head_dv)))
         self.out_strides = strides_of("o", t.out.stride())
+        self.kv_bytes = skv * (head_dqk + head_dv) * t.k.element_size()
         self.shapes = {kernel: BackwardClass(kernel, dtype_name(t.q.dtype), head_dqk, head_dv, causal != "none",
                                              window > 0, t.mask is not None, self.group, power_of_two_at_least(sq),
-                                             power_of_two_at_least(skv)) for kernel in ("kv", "q")}
+                                             power_of_two_at_least(skv), window) for kernel in ("kv", "q")}
 
     def key_gradients(self, t: _Tensors, delta: torch.Tensor, config: BackwardConfig,
                       head_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +323,7 @@ class _BackwardPlan:
             grad_v = torch.empty((splits * self.batch, *t.v.shape[1:]), dtype=torch.float32, device=t.v.device)
         self.kernels.backward_kv[(key_blocks, self.batch * self.kv_heads * splits)](
             q=t.q, k=t.k, v=t.v, mask=t.mask, grad_out=t.grad_out, lse=t.lse, delta=delta, grad_k=grad_k,
-            grad_v=grad_v, batches=self.batch, head_splits=splits, **self.common,
+            grad_v=grad_v, batches=self.batch, head_splits=splits, **self.common, **self.column_blocks,
             **strides_of("dk", grad_k.stride()), **strides_of("dv", grad_v.stride()),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
         if splits == 1:
@@ -287,12 +332,21 @@ class _BackwardPlan:
                 grad_v.view(splits, *t.v.shape).sum(0).to(t.v.dtype))
 
     def query_gradient(self, t: _Tensors, delta: torch.Tensor, config: BackwardConfig) -> torch.Tensor:
-        """grad_q, and each row's D into `delta`."""
+        """grad_q, and each row's D into `delta`: the looped Q kernel, or the one-block one."""
         grad_q = torch.empty_like(t.q, memory_format=torch.contiguous_format)
-        self.kernels.backward_q[(-(-self.sq // config.block_m), self.batch * self.q_heads)](
-            q=t.q, k=t.k, v=t.v, mask=t.mask, out=t.out, grad_out=t.grad_out, lse=t.lse, delta=delta, grad_q=grad_q,
-            **self.common, **self.out_strides, **strides_of("dq", grad_q.stride()),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
+        tensors = dict(q=t.q, k=t.k, v=t.v, mask=t.mask, out=t.out, grad_out=t.grad_out, lse=t.lse, delta=delta,
+                       grad_q=grad_q, **self.common, **self.out_strides, **strides_of("dq", grad_q.stride()),
+                       num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.dim_chunk:
+            head_packs = self.batch * self.q_heads // config.pack
+            positions = config.block_m // config.pack
+            self.kernels.backward_q_one_block[(-(-self.sq // positions) * head_packs,)](
+                **tensors, head_packs=head_packs,
+                chunk_packs=chunk_pack_count(self.group // config.pack, self.kv_bytes, head_packs),
+                CHUNK=config.dim_chunk, BLOCK_M=config.block_m, KEYS=config.block_n, PACK=config.pack)
+        else:
+            self.kernels.backward_q[(-(-self.sq // config.block_m), self.batch * self.q_heads)](
+                **tensors, **self.column_blocks, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
         return grad_q
 
 

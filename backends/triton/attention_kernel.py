@@ -193,6 +193,14 @@ def _block_scores(q1, q2, k1_ptrs, k2_ptrs, k1_desc, k2_desc, batch, kv_head, st
     return scores, k1
 
 
+def _load_chunk(rows, first_column, cols, row_valid, HEAD: tl.constexpr, stride_d):
+    """Columns first_column + cols of the rows at `rows` (one pointer per row); rows past the end
+    and columns past HEAD read as 0."""
+    columns = first_column + cols
+    return tl.load(rows[:, None] + columns[None, :] * stride_d, mask=row_valid[:, None] & (columns < HEAD)[None, :],
+                   other=0.0)
+
+
 def _online_softmax(scores, m_i, l_i, acc, qk_scale, SCALED: tl.constexpr):
     """One block's probabilities (unnormalised) and the running max, denominator and rescaled
     accumulator.  SCALED: `scores` are already scaled to base 2 and may hold -inf."""
@@ -343,11 +351,8 @@ def attention_forward_one_block(
     cols = tl.arange(0, CHUNK)
     scores = tl.zeros([BLOCK_M, KEYS], tl.float32)
     for c in tl.range(0, HEAD_DQK, CHUNK):
-        col_valid = (c + cols < HEAD_DQK)[None, :]
-        q_chunk = tl.load(q_rows[:, None] + (c + cols)[None, :] * stride_qd, mask=row_valid[:, None] & col_valid,
-                          other=0.0).to(DOT_DTYPE)
-        k_chunk = tl.load(k_rows[:, None] + (c + cols)[None, :] * stride_kd, mask=key_valid[:, None] & col_valid,
-                          other=0.0).to(DOT_DTYPE)
+        q_chunk = _load_chunk(q_rows, c, cols, row_valid, HEAD_DQK, stride_qd).to(DOT_DTYPE)
+        k_chunk = _load_chunk(k_rows, c, cols, key_valid, HEAD_DQK, stride_kd).to(DOT_DTYPE)
         scores = tl.dot(q_chunk, tl.trans(k_chunk), scores, input_precision="ieee")
 
     visible = _visible(key[None, :], position[:, None], row_valid[:, None], Skv, causal_offset, window, CAUSAL,
@@ -375,12 +380,10 @@ def attention_forward_one_block(
     p = p.to(q.dtype.element_ty).to(DOT_DTYPE)  # rounded to the input type, as the matrix unit reads it
 
     for c in tl.range(0, HEAD_DV, CHUNK):
-        col_valid = (c + cols < HEAD_DV)[None, :]
-        v_chunk = tl.load(v_rows[:, None] + (c + cols)[None, :] * stride_vd, mask=key_valid[:, None] & col_valid,
-                          other=0.0).to(DOT_DTYPE)
+        v_chunk = _load_chunk(v_rows, c, cols, key_valid, HEAD_DV, stride_vd).to(DOT_DTYPE)
         result = tl.dot(p, v_chunk, input_precision="ieee")
         tl.store(o_rows[:, None] + (c + cols)[None, :] * o_column_stride, result.to(o_rows.dtype.element_ty),
-                 mask=row_valid[:, None] & col_valid)
+                 mask=row_valid[:, None] & (c + cols < HEAD_DV)[None, :])
 
 
 def attention_combine(
@@ -653,3 +656,71 @@ def attention_backward_q(
     if SPLIT_QK:
         tl.store(grad_q_rows + cols2[None, :] * stride_dqd, (acc2 * scale).to(grad_q.dtype.element_ty),
                  mask=row_valid[:, None] & (cols2[None, :] < HEAD_DQK))
+
+
+def attention_backward_q_one_block(
+    q, k, v, mask, out, grad_out, lse, delta, grad_q,
+    Sq, Skv, kv_heads, group, q_heads, head_packs, chunk_packs,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_ms, stride_mn,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    qk_scale, scale, causal_offset, window,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, KEYS: tl.constexpr, PACK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """grad_q, and each row's D, of one tile of BLOCK_M rows (PACK query heads of a GQA group ×
+    BLOCK_M / PACK positions) whose visible keys fit one block of KEYS, as in the one-block
+    forward: q·kᵀ and grad_out·vᵀ are summed CHUNK columns at a time and grad_q is written CHUNK
+    columns at a time, so no [rows, head dim] accumulator is held (DeepSeek-V4's 512)."""
+    POSITIONS: tl.constexpr = BLOCK_M // PACK
+    m_tiles = tl.cdiv(Sq, POSITIONS)
+    m_tile, head_pack = _tile(m_tiles, head_packs, chunk_packs, CAUSAL)
+    batch, kv_head, head, position, row_valid = _rows(m_tile, head_pack, group, kv_heads, Sq, BLOCK_M, PACK)
+    first_position = m_tile * POSITIONS
+    lo, hi = _key_range(first_position, tl.minimum(first_position + POSITIONS, Sq) - 1, Skv, causal_offset, window,
+                        CAUSAL, WINDOW)
+    key = lo + tl.arange(0, KEYS)
+    key_valid = key < hi
+    positions = position.to(tl.int64)
+    q_rows = q + batch * stride_qb + head * stride_qh + positions * stride_qs
+    g_rows = grad_out + batch * stride_gb + head * stride_gh + positions * stride_gs
+    o_rows = out + batch * stride_ob + head * stride_oh + positions * stride_os
+    k_rows = k + batch * stride_kb + kv_head * stride_kh + key.to(tl.int64) * stride_kn
+    v_rows = v + batch * stride_vb + kv_head * stride_vh + key.to(tl.int64) * stride_vn
+    cols = tl.arange(0, CHUNK)
+
+    scores = tl.zeros([BLOCK_M, KEYS], tl.float32)
+    for c in tl.range(0, HEAD_DQK, CHUNK):
+        q_chunk = _load_chunk(q_rows, c, cols, row_valid, HEAD_DQK, stride_qd).to(DOT_DTYPE)
+        k_chunk = _load_chunk(k_rows, c, cols, key_valid, HEAD_DQK, stride_kd).to(DOT_DTYPE)
+        scores = tl.dot(q_chunk, tl.trans(k_chunk), scores, input_precision="ieee")
+    grad_p = tl.zeros([BLOCK_M, KEYS], tl.float32)
+    row_delta = tl.zeros([BLOCK_M], tl.float32)
+    for c in tl.range(0, HEAD_DV, CHUNK):
+        g_chunk = _load_chunk(g_rows, c, cols, row_valid, HEAD_DV, stride_gd).to(DOT_DTYPE)
+        v_chunk = _load_chunk(v_rows, c, cols, key_valid, HEAD_DV, stride_vd).to(DOT_DTYPE)
+        grad_p = tl.dot(g_chunk, tl.trans(v_chunk), grad_p, input_precision="ieee")
+        o_chunk = _load_chunk(o_rows, c, cols, row_valid, HEAD_DV, stride_od).to(tl.float32)
+        row_delta += tl.sum(o_chunk * g_chunk.to(tl.float32), 1)
+    row_stats = (batch * q_heads + head) * Sq + position
+    tl.store(delta + row_stats, row_delta, mask=row_valid)
+
+    lse2 = tl.load(lse + row_stats, mask=row_valid, other=float("inf")) * LOG2E
+    mask_offsets = (batch * stride_mb + head * stride_mh + positions * stride_ms)[:, None] \
+        + key.to(tl.int64)[None, :] * stride_mn
+    scores = _hidden_scores(scores, qk_scale, key[None, :], position[:, None], row_valid[:, None], Skv, causal_offset,
+                            window, mask, mask_offsets, CAUSAL, WINDOW, HAS_MASK, MASK_IS_BOOL)
+    p = tl.math.exp2(scores - lse2[:, None])
+    grad_s = (p * (grad_p - row_delta[:, None])).to(q.dtype.element_ty).to(DOT_DTYPE)
+    dq_rows = grad_q + batch * stride_dqb + head * stride_dqh + positions * stride_dqs
+    for c in tl.range(0, HEAD_DQK, CHUNK):
+        k_chunk = _load_chunk(k_rows, c, cols, key_valid, HEAD_DQK, stride_kd).to(DOT_DTYPE)
+        share = tl.dot(grad_s, k_chunk, input_precision="ieee") * scale
+        tl.store(dq_rows[:, None] + (c + cols)[None, :] * stride_dqd, share.to(grad_q.dtype.element_ty),
+                 mask=row_valid[:, None] & (c + cols < HEAD_DQK)[None, :])
