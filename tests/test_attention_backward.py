@@ -203,18 +203,18 @@ def test_deepseek_v4_head_dim_512_mqa_window_sinks(backend):
 
 
 # ---------------------------------------------------------------------------- compiled modules
-def training_module(dqk: int = 32, window: int = 8, causal: str = "lower_right") -> Module:
+def training_module(dqk: int = 32, window: int = 8, causal: str = "lower_right", sinks: bool = False) -> Module:
     """ft.attention with its lse, then ft.attention_grad, as a forward and backward graph would."""
     module = Module.empty()
     types = [f"tensor<2x4x17x{dqk}xbf16>", f"tensor<2x2x33x{dqk}xbf16>", "tensor<2x2x33x32xbf16>",
-             "tensor<2x4x17x32xbf16>", "tensor<2x1x17x33xi1>"]
+             "tensor<2x4x17x32xbf16>", "tensor<2x1x17x33xi1>", *(["tensor<4xf32>"] if sinks else [])]
     _, block = new_function(module, "main", [parse_type(t) for t in types])
-    q, k, v, grad_out, mask = block.args
-    attrs = {"scale": 0.125, "causal": causal, "window": window, "has_mask": True, "has_sinks": False}
+    q, k, v, grad_out, mask, *sink_args = block.args
+    attrs = {"scale": 0.125, "causal": causal, "window": window, "has_mask": True, "has_sinks": sinks}
     builder = Builder(block)
-    forward = builder.create("ft.attention", [q, k, v, mask], {**attrs, "with_lse": True})
+    forward = builder.create("ft.attention", [q, k, v, mask, *sink_args], {**attrs, "with_lse": True})
     out, lse = forward.results
-    grads = builder.create("ft.attention_grad", [q, k, v, out, grad_out, lse, mask], attrs).results
+    grads = builder.create("ft.attention_grad", [q, k, v, out, grad_out, lse, mask, *sink_args], attrs).results
     block.append(Operation("func.return", [out, *grads]))
     verify(module)
     return module
@@ -235,27 +235,32 @@ def test_compiled_training_module_launches_both_kernels(backend):
         assert relative_error(actual, exact) <= TOLERANCE[torch.bfloat16]
 
 
-def test_the_cpu_backend_calls_torchs_flash_backward_where_it_applies():
+@pytest.mark.parametrize(("dqk", "window", "causal", "sinks"), [
+    (32, 0, "upper_left", False), (32, 8, "lower_right", True), (32, 0, "lower_right", False),
+    (64, 0, "upper_left", True)])
+def test_the_cpu_backend_calls_torchs_flash_backward_where_it_applies(dqk, window, causal, sinks):
     """The cpu backend runs the forward (with its lse) on its own kernel and the backward
     through torch's CPU flash-attention backward, matching fp64 (GQA, a bool mask with a fully
-    hidden row); a window (which that kernel lacks) runs the reference, counted."""
+    hidden row): a window and a lower-right diagonal with Sq ≠ Skv join the mask, sinks get
+    their gradient from the lse; unequal qk and v head dims (which that kernel lacks) run the
+    reference, counted."""
     from flagtree.backends.cpu import CpuBackend
 
     backend = CpuBackend()
     generator = torch.Generator().manual_seed(13)
-    for window, causal in ((0, "upper_left"), (8, "lower_right")):
-        module = training_module(window=window, causal=causal)
-        plan = backend.compile(module, backend.capabilities())
-        kernel_fallbacks = [name.split(" ")[0] for name in plan.fallback_ops]
-        assert kernel_fallbacks == ([] if window == 0 else ["ft.attention_grad"])
-        inputs = [torch.randn(*shape, generator=generator).bfloat16()
-                  for shape in ((2, 4, 17, 32), (2, 2, 33, 32), (2, 2, 33, 32), (2, 4, 17, 32))]
-        mask = torch.rand(2, 1, 17, 33, generator=generator) < 0.8
-        mask[:, :, 3] = False
-        _, *grads = plan(*inputs, mask)
-        attrs = {"scale": 0.125, "causal": causal, "window": window, "has_mask": True, "has_sinks": False}
-        for actual, exact in zip(grads, exact_gradients([*inputs[:3], mask], attrs, inputs[3], torch.float64)):
-            assert not actual.isnan().any() and relative_error(actual, exact) <= TOLERANCE[torch.bfloat16]
+    plan = backend.compile(training_module(dqk, window, causal, sinks), backend.capabilities())
+    assert [name.split(" ")[0] for name in plan.fallback_ops] == ([] if dqk == 32 else ["ft.attention_grad"])
+    inputs = [torch.randn(*shape, generator=generator).bfloat16()
+              for shape in ((2, 4, 17, dqk), (2, 2, 33, dqk), (2, 2, 33, 32), (2, 4, 17, 32))]
+    mask = torch.rand(2, 1, 17, 33, generator=generator) < 0.8
+    mask[:, :, 3] = False
+    sink_args = [torch.tensor([0.5, float("-inf"), -1.0, 2.0])] if sinks else []
+    _, *grads = plan(*inputs, mask, *sink_args)
+    attrs = {"scale": 0.125, "causal": causal, "window": window, "has_mask": True, "has_sinks": sinks}
+    expected = exact_gradients([*inputs[:3], mask, *sink_args], attrs, inputs[3], torch.float64)
+    assert len(grads) == len(expected) == 3 + sinks
+    for actual, exact in zip(grads, expected):
+        assert not actual.isnan().any() and relative_error(actual, exact) <= TOLERANCE[torch.bfloat16]
 
 
 # ----------------------------------------------------------------------------------- configs
