@@ -9,6 +9,8 @@ Each top-level op of the function becomes plan lines:
 - `ft.matmul`: `torch.matmul` (BLAS / cuBLAS);
 - `ft.index` with one 1-D integer index: `index_select(x, dim, index)` (whole-slice copies);
 - `ft.dim`: `s0 = arg0.shape[1]`; `ft.full`: `torch.full(...)`;
+- the views `ft.reshape`, `ft.transpose`, `ft.broadcast_to`: the tensor method their reference calls
+  (`buf1 = buf0.reshape((256, 32))`), a few microseconds less per call than a reference call;
 - every other op: a call to its reference implementation, bound as a readable global
   (`buf5 = ft_softmax(buf4, dim=-1)`), so any module runs; `ft.torch_call` ops, and fused
   ops (`ft.attention_grad`, ...) the backend has no kernel for, are counted as fallbacks.
@@ -156,6 +158,8 @@ class _Lowering:
             results = [self.writer.size(f"{operands[0]}.shape[{op.attributes['dim']}]")]
         elif op.name == "ft.full":
             results = [self._full(op, operands)]
+        elif op.name in _VIEW_METHODS:
+            results = [self._view(op, operands)]
         elif op.name == "ft.constant":
             results = [self._constant(op)]
         else:
@@ -179,11 +183,18 @@ class _Lowering:
 
     def _full(self, op: Operation, operands: list[str]) -> str:
         result: TensorType = op.results[0].type
-        sizes = iter(operands)
-        shape = [next(sizes) if d is None else str(d) for d in result.shape]
         name = self.writer.new_buffer()
-        self.writer.line(f"{name} = torch.full({_shape_tuple(shape)}, {_python_literal(op.attributes['value'])}, "
-                         f"dtype={result.dtype.torch_dtype}, device=device)")
+        self.writer.line(f"{name} = torch.full({_result_shape(result, operands)}, "
+                         f"{_python_literal(op.attributes['value'])}, dtype={result.dtype.torch_dtype}, device=device)")
+        return name
+
+    def _view(self, op: Operation, operands: list[str]) -> str:
+        """`x.reshape(shape)`, `x.expand(shape)` or `x.permute(perm)`, as the op's reference computes it."""
+        x, *sizes = operands
+        shape = _shape_tuple([str(d) for d in op.attributes["perm"]]) if op.name == "ft.transpose" \
+            else _result_shape(op.results[0].type, sizes)
+        name = self.writer.new_buffer()
+        self.writer.line(f"{name} = {x}.{_VIEW_METHODS[op.name]}({shape})")
         return name
 
     def _index_select(self, op: Operation, operands: list[str]) -> str:
@@ -262,8 +273,20 @@ def _unique(values: Sequence[Value]) -> list[Value]:
     return list(seen.values())
 
 
+# View ops the plan runs as the tensor method of the same name in their reference.
+_VIEW_METHODS = {"ft.reshape": "reshape", "ft.transpose": "permute", "ft.broadcast_to": "expand"}
+
+
 def _shape_tuple(dims: Sequence[str]) -> str:
+    if not dims:
+        return "()"
     return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+
+
+def _result_shape(result: TensorType, sizes: Sequence[str]) -> str:
+    """The Python tuple of a sized op's result shape: static dims, then `sizes` for the `?` dims."""
+    it = iter(sizes)
+    return _shape_tuple([next(it) if d is None else str(d) for d in result.shape])
 
 
 def _constant_name(value: DenseAttr | ResourceAttr) -> str:

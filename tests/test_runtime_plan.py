@@ -165,6 +165,38 @@ def test_lowered_random_programs_compute_what_the_reference_computes(module, see
             assert a == e
 
 
+VIEWS_MODULE = """
+"func.func"() <{function_type = (tensor<?x6xf32>, tensor<f32>) -> (tensor<?x2x3xf32>, tensor<3x2x?xf32>,
+                                  tensor<4x?x6xf32>, tensor<1x1xf32>), sym_name = "main"}> ({
+^bb0(%x: tensor<?x6xf32>, %s: tensor<f32>):
+  %n = "ft.dim"(%x) {dim = 0 : i64} : (tensor<?x6xf32>) -> i64
+  %split = "ft.reshape"(%x, %n) : (tensor<?x6xf32>, i64) -> tensor<?x2x3xf32>
+  %moved = "ft.transpose"(%split) {perm = array<i64: 2, 1, 0>} : (tensor<?x2x3xf32>) -> tensor<3x2x?xf32>
+  %wide = "ft.broadcast_to"(%x, %n) : (tensor<?x6xf32>, i64) -> tensor<4x?x6xf32>
+  %unit = "ft.reshape"(%s) : (tensor<f32>) -> tensor<1x1xf32>
+  "func.return"(%split, %moved, %wide, %unit) : (tensor<?x2x3xf32>, tensor<3x2x?xf32>, tensor<4x?x6xf32>,
+                                                 tensor<1x1xf32>) -> ()
+}) : () -> ()
+"""
+
+
+@pytest.mark.parametrize("rows", [2, 7])
+def test_views_are_tensor_methods_that_copy_nothing(rows):
+    """ft.reshape, ft.transpose and ft.broadcast_to run as the tensor method their reference calls,
+    with dynamic sizes from ft.dim: the results are views of the input and equal the reference's."""
+    module = parse_module(VIEWS_MODULE, "views.ftir")
+    plan = lower_function(module, "test", {})
+    for call in ("= arg0.reshape((s0, 2, 3))", ".permute((2, 1, 0))", "= arg0.expand((4, s0, 6))",
+                 "= arg1.reshape((1, 1))"):
+        assert call in plan.source
+    assert not plan.fallback_ops and "ft_" not in plan.source
+    x, scalar = torch.randn(rows, 6), torch.tensor(2.5)
+    actual, expected = plan(x, scalar), run_module(module, [x, scalar])
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape and a.stride() == e.stride() and torch.equal(a, e)
+    assert all(a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for a in actual[:3])
+
+
 def _index_module(x_shape: tuple[int, ...], dim: int, count: int, index_dtype: str) -> Module:
     """@main(x, index) = x[..., index, ...] at `dim` (one ft.index op)."""
     result_shape = (*x_shape[:dim], count, *x_shape[dim + 1:])
