@@ -10,6 +10,7 @@ from flagtree.passes import (  # noqa: F401  (they register themselves)
     fold,
     fuse_attention,
     fuse_elementwise,
+    fuse_gather_matmul,
     legalize_dtypes,
 )
 from flagtree.passes.base import Pass, all_passes, get_pass, register_pass

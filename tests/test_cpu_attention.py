@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 pytest.importorskip("torch_mlir")
 
 from flagtree.backends.cpu import CpuBackend, compiler, jit
+from flagtree.backends.cpu import kernel as kernel_module
 from flagtree.backends.cpu.kernel import CpuKernel, KernelCallError
 from flagtree.ir import Builder, Module, Operation, new_function, verify
 from flagtree.ir.ops.attention import CAUSAL_KINDS, attention_reference, visible_keys
@@ -273,8 +274,9 @@ def test_empty_query_and_key_dims():
     assert torch.equal(no_keys, torch.zeros_like(no_keys))
 
 
-def test_a_problem_split_across_cores_matches_the_reference():
-    # 4 heads × 3 blocks of rows, and enough elements that each core computes a range of them.
+def test_a_problem_split_across_cores_matches_the_reference(monkeypatch: pytest.MonkeyPatch):
+    # 4 heads × 3 blocks of rows, and enough elements (at a lowered threshold) that each core computes a range.
+    monkeypatch.setattr(kernel_module, "PARALLEL_MIN_ELEMENTS", 1 << 12)
     check(Problem(heads=(4, 4), queries=145, keys=145, head_dims=(64, 64), causal="lower_right", window=100))
 
 

@@ -10,6 +10,7 @@ positions); integer and boolean results must be exact.
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,7 @@ pytest.importorskip("torch_mlir")
 
 from flagtree.backends.cpu import CpuBackend, compiler, jit
 from flagtree.backends.cpu import backend as cpu_backend_module
+from flagtree.backends.cpu import kernel as kernel_module
 from flagtree.backends.cpu.kernel import CpuKernel, KernelCallError
 from flagtree.backends.reference import run_module
 from flagtree.backends.registry import select_backend
@@ -418,8 +420,9 @@ def row_body(b: Builder, args: list[Value]) -> list[Value]:
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_row_blocks_split_over_threads_match_eager(dtype: str):
+def test_row_blocks_split_over_threads_match_eager(dtype: str, monkeypatch: pytest.MonkeyPatch):
     """Big enough inputs run as row blocks on every core; ragged row counts split unevenly."""
+    monkeypatch.setattr(kernel_module, "PARALLEL_MIN_ELEMENTS", 1 << 12)  # these sizes split, yet stay fast
     family = Family([f"tensor<?x200x{dtype}>", f"tensor<200x{dtype}>"], row_body, dtype)
     assert "scf.for" in compiler.tensor_level_mlir(fusion_of(family.module))  # row blocks
     torch_dtype = ScalarType(dtype).torch_dtype
@@ -458,6 +461,48 @@ def test_views_generators_and_constants():
         x = randn(rows, 12)
         outputs = family.check([x, randn(rows, 12).t().contiguous()])
         assert outputs[1].shape == (rows, 1, 12) and outputs[7].shape == (rows * 12,)
+
+
+def narrow_views_body(b: Builder, args: list[Value]) -> list[Value]:
+    """Views of narrow-float inputs as rope and reshapes read them: a reshape that splits a dim,
+    the two halves of its last dim, each times a table broadcast over the middle dims."""
+    x, table = args  # x: ?x64, table: 8x8, one narrow float type
+    dtype = x.type.dtype
+    rows = b.value("ft.dim", x, dim=0)
+    split = b.value("ft.reshape", x, rows, result_type=TensorType((None, 8, 8), dtype))
+    halves = [b.value("ft.slice", split, dim=2, start=start, end=start + 4, step=1) for start in (0, 4)]
+    left, right = (b.value("ft.mul", half, b.value("ft.slice", table, dim=1, start=0, end=4, step=1))
+                   for half in halves)
+    return [split, b.value("ft.sub", left, right), b.value("ft.exp", halves[1])]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_views_of_narrow_float_inputs_match_eager_bit_for_bit(dtype: str):
+    """A reshape or slice of an f16/bf16 input reads it in place (no widened copy), and computes
+    exactly what eager torch computes."""
+    family = Family([f"tensor<?x64x{dtype}>", f"tensor<8x8x{dtype}>"], narrow_views_body, dtype)
+    mlir = compiler.tensor_level_mlir(fusion_of(family.module))
+    assert f"tensor.collapse_shape %t1 [[0, 1]] : tensor<?x64x{dtype}>" in mlir  # the input itself
+    torch_dtype = ScalarType(dtype).torch_dtype
+    for rows in (1, 6):
+        args = [randn(rows, 64, dtype=torch_dtype, scale=2.0), randn(8, 8, dtype=torch_dtype)]
+        got = family.check(args)
+        for g, e in zip(got, run_module(family.module, args)):
+            assert torch.equal(g, e)
+
+
+def test_calls_alternating_between_shapes_and_strides_match_eager():
+    """Each input signature packs its argument words once; a call writes only the data pointers, so
+    calls that alternate between signatures, or pass size-1 dims with unusual strides (still
+    contiguous), must each see their own sizes."""
+    family = Family(["tensor<?x1x?xf32>", "tensor<?x1x?xf32>"], lambda b, args: [b.value("ft.mul", *args)])
+    for rows, cols in ((3, 5), (17, 2), (3, 5), (1, 9), (17, 2)):
+        x = randn(rows, 1, cols)
+        y = randn(cols, rows, 1).permute(1, 2, 0)  # not contiguous: the wrapper copies it
+        odd = torch.empty_strided((rows, 1, cols), (cols, 12345, 1)).copy_(randn(rows, 1, cols))
+        assert odd.is_contiguous()
+        family.check([x, y])
+        family.check([odd, x])
 
 
 # ---------------------------------------------------------------------- the kernel's contract
@@ -524,6 +569,46 @@ def test_missing_torch_mlir_makes_the_backend_unavailable(monkeypatch):
         monkeypatch.undo()
         cpu_backend_module._torch_mlir_availability.cache_clear()
     assert not availability.ok and "torch-mlir is not installed" in availability.reason
+
+
+LLVM_OPTIONS_CHECK = """
+import logging, sys, torch
+from flagtree.backends.cpu import compiler, jit
+from flagtree.ir.parser import parse_module
+{setup}
+logging.basicConfig(level=logging.WARNING)
+module = parse_module(sys.argv[1])
+fusion = next(op for op in module.function().regions[0].block.ops if op.name == "ft.fusion")
+kernel = compiler.compile_op(fusion)
+with jit._lock:
+    jit._parse_llvm_options()  # a second time: a no-op
+x, bias = torch.randn(33, 8), torch.randn(8)
+got, = kernel(x, bias)
+sys.exit(0 if torch.allclose(got, torch.sigmoid(x + bias), rtol=1e-6, atol=1e-7) else 3)
+"""
+
+
+@pytest.mark.parametrize("setup, warns", [("", False), ("jit._LLVM_LIBRARY = 'libNoSuchLibrary'", True)],
+                         ids=["options", "no-library"])
+def test_llvm_options_are_parsed_once_per_process(setup: str, warns: bool, tmp_path):
+    """Kernels compile and compute correctly with LLVM_OPTIONS, parsing them again is a no-op, and
+    without the library a warning says kernels run without them."""
+    module = fused_module(["tensor<?x8xf32>", "tensor<8xf32>"],
+                          lambda b, args: [b.value("ft.sigmoid", b.value("ft.add", *args))])
+    done = subprocess.run([sys.executable, "-c", LLVM_OPTIONS_CHECK.format(setup=setup), print_module(module)],
+                          capture_output=True, text=True, env={**os.environ, "FLAGTREE_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("kernels run without -vectorizer-min-trip-count=2" in done.stderr) == warns, done.stderr[-2000:]
+
+
+def test_torch_mlirs_llvm_has_every_llvm_option():
+    """LLVM's C API ignores an option it does not know: a renamed one would silently stop applying."""
+    library = jit.llvm_library()
+    assert library is not None
+    data = library.read_bytes()
+    for option in jit.LLVM_OPTIONS:
+        name = option.lstrip("-").split("=")[0]
+        assert b"\x00" + name.encode() + b"\x00" in data, f"torch-mlir's LLVM has no option {name}"
 
 
 def test_importing_the_backend_does_not_import_torch_mlir():

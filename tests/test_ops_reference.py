@@ -681,6 +681,24 @@ def _matmul_case() -> Case:
     return Case(spec, lambda inputs, attrs, types: [np.matmul(_np(inputs[0]), _np(inputs[1]))])
 
 
+def _gather_matmul_case() -> Case:
+    def spec(draw) -> Spec:
+        dtype = draw(st.sampled_from(FLOATS))
+        batch, m, k, n, experts = (draw(st.sampled_from(DIMS)) for _ in range(5))
+        generator = torch.Generator().manual_seed(draw(seeds()))
+        # Negative entries count from the end, as in aten.index.
+        index = torch.randint(-experts, experts, (batch,), generator=generator)
+        x, w = (batch, m, k), (experts, k, n)
+        return Spec([_t(x, dtype), _t(w, dtype), _t((batch,), "i64")],
+                    [_tensor(draw, x, dtype), _tensor(draw, w, dtype), index])
+
+    def expected(inputs: list[Any], attrs: dict, types: list[Type]) -> list[Any]:
+        x, w, index = (_np(t) for t in inputs)
+        return [np.stack([x[b] @ w[index[b]] for b in range(len(index))])]
+
+    return Case(spec, expected, retype=False)
+
+
 def _conv_case() -> Case:
     def spec(draw) -> Spec:
         spatial = draw(st.integers(1, 2))
@@ -979,6 +997,7 @@ CASES: dict[str, Case] = {
     "ft.iota": _iota_case(),
     "ft.constant": _constant_case(),
     "ft.matmul": _matmul_case(),
+    "ft.gather_matmul": _gather_matmul_case(),
     "ft.conv": _conv_case(),
     "ft.attention": _attention_case(),
     "ft.attention_grad": _attention_grad_case(),

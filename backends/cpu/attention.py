@@ -34,8 +34,7 @@ vectorises (exp is approx.py's inlined polynomial).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,12 +61,17 @@ class AttentionTiles:
     @staticmethod
     def for_op(op: Operation) -> AttentionTiles:
         """Row vectors of four registers, or fewer when the op has fewer rows per KV head (a
-        decode step: Sq = 1); as many row vectors in flight as the register file holds with
-        room for the operand (32 vector registers on AVX-512 and NEON, 16 on AVX2)."""
+        decode step: Sq = 1), and two for a short causal sequence (at most two such blocks of
+        queries): there a block of a whole head's queries spends most of its key steps above the
+        diagonal, which smaller blocks skip (measured on AVX-512: 64 queries 14% faster, 128 5%,
+        256 4% slower).  As many row vectors in flight as the register file holds with room for
+        the operand (32 vector registers on AVX-512 and NEON, 16 on AVX2)."""
         q, k = op.operands[0].type, op.operands[1].type
         cpu = host_cpu()
         lanes = cpu.vector_bits // ScalarType(compute_type(q.dtype)).bitwidth
         registers_per_row = 4
+        if op.attributes["causal"] != "none" and q.shape[2] is not None and q.shape[2] <= 2 * lanes * registers_per_row:
+            registers_per_row = 2
         if None not in (q.shape[1], q.shape[2], k.shape[1]):
             rows_per_kv_head = q.shape[1] // k.shape[1] * q.shape[2]
             registers_per_row = max(1, min(registers_per_row, -(-rows_per_kv_head // lanes)))
@@ -119,7 +123,7 @@ class _AttentionEmitter:
         self.params += ["%lo: index", "%hi: index"]
         self._sizes()
         self._buffers()
-        with self._for("%lo", "%hi") as item:
+        with self.w.loop("%lo", "%hi") as item:
             self._item(item)
         self.w.line("return")
         text = (f"  func.func @{self.name}({', '.join(self.params)}) attributes {{llvm.emit_c_interface}} {{\n"
@@ -172,7 +176,7 @@ class _AttentionEmitter:
         query_range = self._query_range() if self.attrs["causal"] != "none" else None
         first_key, end_key = self._key_range(query_range)
         diagonal_from, window_until = self._masked_key_blocks(query_range)
-        with self._for(first_key, end_key, self.tiles.block_keys) as j0:
+        with self.w.loop(first_key, end_key, self.tiles.block_keys) as j0:
             cols = self._index("minsi", self.w.index(self.tiles.block_keys), self._index("subi", end_key, j0))
             self._scores(j0, cols)
             if self.mask is not None:
@@ -196,12 +200,12 @@ class _AttentionEmitter:
         and zero lanes past the block's last row (head and query 0 there, so every lane the
         vectorised passes read is defined); Accᵀ starts at 0."""
         w, c = self.w, self.compute
-        with self._for(0, self.rows) as r:
+        with self.w.loop(0, self.rows) as r:
             w.line(f"memref.store {self._float(-math.inf)}, {self.m}[{r}] : {self._state_type}")
             w.line(f"memref.store {self._float(0.0)}, {self.l}[{r}] : {self._state_type}")
             for buffer in (self.head, self.query):
                 w.line(f"memref.store {w.index(0)}, {buffer}[{r}] : {self._lane_index_type}")
-        with self._for(0, self.row_count) as r:
+        with self.w.loop(0, self.row_count) as r:
             row = self._index("addi", self.first_row, r)
             head = self._index("addi", self._index("muli", self.kv_head, self.group),
                                self._index("divui", row, self.queries))
@@ -211,13 +215,13 @@ class _AttentionEmitter:
             if self.sinks is not None:
                 self._start_from_sink(r, head)
             scale = self._float(self.attrs["scale"])
-            with self._for(0, self.qk_dim) as d:
+            with self.w.loop(0, self.qk_dim) as d:
                 x = self._load(self.q, [self.b, head, query, d])
                 w.line(f"memref.store {w.emit(f'arith.mulf {x}, {scale} : {c}')}, {self.q_t}[{d}, {r}] : "
                        f"memref<?x{self.rows}x{c}>")
-        with self._for(self.row_count, self.rows) as r, self._for(0, self.qk_dim) as d:
+        with self.w.loop(self.row_count, self.rows) as r, self.w.loop(0, self.qk_dim) as d:
             w.line(f"memref.store {self._float(0.0)}, {self.q_t}[{d}, {r}] : memref<?x{self.rows}x{c}>")
-        with self._for(0, self.v_dim_padded) as d:
+        with self.w.loop(0, self.v_dim_padded) as d:
             w.line(f"vector.store {self.zero_vector}, {self.acc_t}[{d}, {w.index(0)}] : "
                    f"memref<?x{self.rows}x{c}>, {self.row_vector}")
 
@@ -279,7 +283,7 @@ class _AttentionEmitter:
         time (the last step's extra keys repeat the last key; their scores are never read)."""
         step = self.tiles.outputs_per_step
         last_key = self._index("subi", self.keys, self.w.index(1))
-        with self._for(0, self._index("muli", self._index("ceildivui", cols, step), step), step) as c0:
+        with self.w.loop(0, self._index("muli", self._index("ceildivui", cols, step), step), step) as c0:
             keys = [self._index("minsi", self._index("addi", j0, self._index("addi", c0, self.w.index(i))), last_key)
                     for i in range(step)]
             scores = self._rank_one_updates(
@@ -293,10 +297,10 @@ class _AttentionEmitter:
         """The mask operand: a false i1 hides the score, a float is added to it."""
         w, c = self.w, self.compute
         mask_type: TensorType = self.op.operands[3].type
-        with self._for(0, self.row_count) as r:
+        with self.w.loop(0, self.row_count) as r:
             head = w.emit(f"memref.load {self.head}[{r}] : {self._lane_index_type}")
             query = w.emit(f"memref.load {self.query}[{r}] : {self._lane_index_type}")
-            with self._for(0, cols) as col:
+            with self.w.loop(0, cols) as col:
                 key = self._index("addi", j0, col)
                 indices = [self._broadcast_index(self.mask, i, x) for i, x in enumerate((self.b, head, query, key))]
                 score = w.emit(f"memref.load {self.s_t}[{col}, {r}] : {self._s_t_type}")
@@ -322,7 +326,7 @@ class _AttentionEmitter:
         """m' = max(m, the block's scores); in blocks crossing the diagonal or a window edge,
         scores of keys a row does not see become -inf first."""
         w = self.w
-        with self._for(0, self.rows) as r:
+        with self.w.loop(0, self.rows) as r:
             w.line(f"memref.store {self._row_state(self.m, r)}, {self.m_next}[{r}] : {self._state_type}")
         if diagonal_from is None:
             self._max_pass(j0, cols, hide=False)
@@ -344,9 +348,9 @@ class _AttentionEmitter:
 
     def _max_pass(self, j0: str, cols: str, hide: bool) -> None:
         w, c = self.w, self.compute
-        with self._for(0, cols) as col:
+        with self.w.loop(0, cols) as col:
             key = self._index("addi", j0, col) if hide else None
-            with self._for(0, self.rows) as r:
+            with self.w.loop(0, self.rows) as r:
                 score = w.emit(f"memref.load {self.s_t}[{col}, {r}] : {self._s_t_type}")
                 if hide:
                     score = w.emit(f"arith.select {self._visible(key, r)}, {score}, {self._float(-math.inf)} : {c}")
@@ -370,7 +374,7 @@ class _AttentionEmitter:
         """α = exp(m - m̃), l ·= α, m = m'; m_next keeps m̃, the shift of this block's exps
         (0 while a row has seen nothing visible, so -inf - -inf never happens)."""
         w, c = self.w, self.compute
-        with self._for(0, self.rows) as r:
+        with self.w.loop(0, self.rows) as r:
             old = self._row_state(self.m, r)
             new = self._row_state(self.m_next, r)
             nothing = w.emit(f"arith.cmpf oeq, {new}, {self._float(-math.inf)} : {c}")
@@ -383,7 +387,7 @@ class _AttentionEmitter:
     def _probabilities(self, cols: str) -> None:
         """Pᵀ = exp(Sᵀ - m̃) in place of Sᵀ, and l += Σ_c Pᵀ[c, :]."""
         w, c = self.w, self.compute
-        with self._for(0, cols) as col, self._for(0, self.rows) as r:
+        with self.w.loop(0, cols) as col, self.w.loop(0, self.rows) as r:
             score = w.emit(f"memref.load {self.s_t}[{col}, {r}] : {self._s_t_type}")
             p = self._exp(w.emit(f"arith.subf {score}, {self._row_state(self.m_next, r)} : {c}"))
             w.line(f"memref.store {p}, {self.s_t}[{col}, {r}] : {self._s_t_type}")
@@ -396,7 +400,7 @@ class _AttentionEmitter:
         step = self.tiles.outputs_per_step
         last_dim = self._index("subi", self.v_dim, self.w.index(1))
         alpha = self._row_load(self.alpha, None, None)
-        with self._for(0, self.v_dim_padded, step) as d0:
+        with self.w.loop(0, self.v_dim_padded, step) as d0:
             dims = [self._index("addi", d0, self.w.index(i)) for i in range(step)]
             clamped = [self._index("minsi", d, last_dim) for d in dims]
             starts = [self.w.emit(f"arith.mulf {self._row_load(self.acc_t, d, '?')}, {alpha} : {self.row_vector}")
@@ -411,7 +415,7 @@ class _AttentionEmitter:
     def _store_rows(self) -> None:
         """out[row r, d] = Accᵀ[d, r] / l[r]; 0 for a row whose weights sum to 0 (it saw nothing)."""
         w, c = self.w, self.compute
-        with self._for(0, self.row_count) as r:
+        with self.w.loop(0, self.row_count) as r:
             head = w.emit(f"memref.load {self.head}[{r}] : {self._lane_index_type}")
             query = w.emit(f"memref.load {self.query}[{r}] : {self._lane_index_type}")
             total = self._row_state(self.l, r)
@@ -420,7 +424,7 @@ class _AttentionEmitter:
             factor = w.emit(f"arith.select {seen}, {inverse}, {self._float(0.0)} : {c}")
             if self.lse is not None:
                 self._store_lse(r, head, query, seen, total)
-            with self._for(0, self.v_dim) as d:
+            with self.w.loop(0, self.v_dim) as d:
                 value = w.emit(f"memref.load {self.acc_t}[{d}, {r}] : memref<?x{self.rows}x{c}>")
                 result = self._narrow(w.emit(f"arith.mulf {value}, {factor} : {c}"))
                 w.line(f"memref.store {result}, {self.out.ssa}[{self.b}, {head}, {query}, {d}] : {self.out.type}")
@@ -525,15 +529,6 @@ class _AttentionEmitter:
     def _as_index(self, value: int | str) -> str:
         return self.w.index(value) if isinstance(value, int) else value
 
-    @contextmanager
-    def _for(self, lower: int | str, upper: int | str, step: int = 1) -> Iterator[str]:
-        """An scf.for over [lower, upper) (ints are constants); yields the induction variable."""
-        iv = self.w.fresh("i")
-        self.w.line(f"scf.for {iv} = {self._as_index(lower)} to {self._as_index(upper)} step {self.w.index(step)} {{")
-        self.w.depth += 1
-        yield iv
-        self.w.depth -= 1
-        self.w.line("}")
 
 
 @dataclass(frozen=True)

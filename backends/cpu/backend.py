@@ -1,9 +1,10 @@
 """The `cpu` backend: fusion regions and attention → MLIR → LLVM → JIT-compiled kernels.
 
-The executable is a launch plan (backends/lowering.py): each `ft.fusion` (linalg on tensors)
-and each `ft.attention` (a tiled online softmax, attention.py) becomes one JIT-compiled
-kernel call, matmuls call torch's BLAS, `ft.attention_grad` torch's CPU flash-attention
-backward where it applies (attention_backward.py), every other op its eager reference.
+The executable is a launch plan (backends/lowering.py): each `ft.fusion` (linalg on tensors),
+each `ft.attention` (a tiled online softmax, attention.py) and each `ft.gather_matmul` (an
+MoE's matmul of gathered expert weights, gather_matmul.py) becomes one JIT-compiled kernel
+call, matmuls call torch's BLAS, `ft.attention_grad` torch's CPU flash-attention backward
+where it applies (attention_backward.py), every other op its eager reference.
 Kernels are cached on disk as LLVM-dialect MLIR (the lowering pipeline's output), so a
 process that finds a kernel there skips FTIR → MLIR and the pipeline, and only runs
 LLVM's code generation.
@@ -22,6 +23,7 @@ import torch
 import flagtree
 from flagtree.backends.base import Availability, Backend, Capabilities
 from flagtree.backends.cpu.attention_backward import attention_grad_lowering
+from flagtree.backends.cpu.gather_matmul import check_index
 from flagtree.backends.cpu.host import host_cpu
 from flagtree.backends.lowering import UnsupportedRegion, lower_function
 from flagtree.errors import FlagtreeError
@@ -55,11 +57,13 @@ class CpuBackend(Backend):
         )
 
     def pipeline(self, capabilities: Capabilities) -> str:
-        return "fuse-elementwise"
+        # fuse-gather-matmul first: its kernel reads an MoE's expert weights in place (no copy per token).
+        return "fuse-gather-matmul,fuse-elementwise"
 
     def compile(self, module: Module, capabilities: Capabilities) -> LaunchPlan:
         kernels = _KernelCompiler(capabilities)
         return lower_function(module, self.name, {"ft.fusion": kernels, "ft.attention": kernels,
+                                                  "ft.gather_matmul": _GatherMatmulLowering(kernels),
                                                   "ft.attention_grad": attention_grad_lowering})
 
     def emit_forms(self) -> tuple[str, ...]:
@@ -105,6 +109,23 @@ class _KernelCompiler:
         results = [writer.new_buffer() for _ in op.results]
         writer.line(f"{', '.join(results)}{',' if len(results) == 1 else ''} = {name}({', '.join(operands)})")
         return results
+
+
+class _GatherMatmulLowering:
+    """ft.gather_matmul: a range check of its index (the kernel reads the weights unchecked), then its
+    kernel.  An MoE's gate, up and down projections share one index: it is checked once per plan."""
+
+    def __init__(self, kernels: _KernelCompiler):
+        self.kernels = kernels
+        self.checked: set[tuple[str, str]] = set()  # (index, number of matrices) as plan expressions
+
+    def __call__(self, op: Operation, writer: PlanWriter, operands: list[str]) -> list[str]:
+        experts = op.operands[1].type.shape[0]
+        check = (operands[2], str(experts) if experts is not None else f"{operands[1]}.shape[0]")
+        if check not in self.checked:
+            self.checked.add(check)
+            writer.line(f"{writer.bind('check_index', check_index)}({', '.join(check)})")
+        return self.kernels(op, writer, operands)
 
 
 def _lowered_kernel(op: Operation) -> str:

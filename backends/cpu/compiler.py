@@ -1,11 +1,11 @@
-"""Compile kernel units (an ft.fusion region, an ft.attention op, or a lone elementwise/reduction
-op) to CpuKernels, and print a module's kernels as one MLIR module (`--emit=mlir`)."""
+"""Compile kernel units (an ft.fusion region, an ft.attention or ft.gather_matmul op, or a lone
+elementwise/reduction op) to CpuKernels, and print a module's kernels as one MLIR module (`--emit=mlir`)."""
 
 from __future__ import annotations
 
 import threading
 
-from flagtree.backends.cpu import jit
+from flagtree.backends.cpu import gather_matmul, jit
 from flagtree.backends.cpu.attention import emit_attention, work_items
 from flagtree.backends.cpu.emitter import EmittedKernel, KernelUnit, emit_kernel, module_text
 from flagtree.backends.cpu.kernel import CpuKernel
@@ -15,7 +15,7 @@ from flagtree.ir.core import Module, Operation
 from flagtree.ir.printer import format_location
 
 KERNEL_SYMBOL = "kernel"  # every JIT module holds one kernel under this name, so equal kernels share text
-KERNEL_OPS = ("ft.fusion", "ft.attention")  # the top-level ops that become kernels
+KERNEL_OPS = ("ft.fusion", "ft.attention", "ft.gather_matmul")  # the top-level ops that become kernels
 
 _lowered: dict[str, str] = {}  # tensor-level MLIR text → LLVM-dialect text, this process
 _lowered_lock = threading.Lock()
@@ -45,6 +45,8 @@ def tensor_level_mlir(op: Operation) -> str:
 def _emitted(op: Operation, name: str) -> EmittedKernel:
     if op.name == "ft.attention":
         return emit_attention(op, name)
+    if op.name == "ft.gather_matmul":
+        return gather_matmul.emit_gather_matmul(op, name)
     unit = kernel_unit(op, name)
     return emit_kernel(unit, row_values(unit))
 
@@ -67,17 +69,19 @@ def kernel_from_llvm(op: Operation, llvm_text: str, label: str = "") -> CpuKerne
     entry, label = jit.entry_point(engine, KERNEL_SYMBOL), label or kernel_label(op)
     if op.name == "ft.attention":
         return CpuKernel(unit, entry, engine, label, None, work_items(op))
+    if op.name == "ft.gather_matmul":
+        return CpuKernel(unit, entry, engine, label, None, gather_matmul.work_items)
     return CpuKernel(unit, entry, engine, label, row_values(unit))
 
 
 def compile_op(op: Operation, label: str = "") -> CpuKernel:
-    """Compile the kernel computing `op` (an ft.fusion, an ft.attention, or one elementwise/reduction op);
-    raises UnsupportedError if the code generator cannot lower it."""
+    """Compile the kernel computing `op` (one of KERNEL_OPS, or one elementwise/reduction op); raises
+    UnsupportedError if the code generator cannot lower it."""
     return kernel_from_llvm(op, llvm_level_mlir(tensor_level_mlir(op)), label)
 
 
 def module_mlir(module: Module) -> str:
-    """Every ft.fusion and ft.attention of `module` as one MLIR module, a function per kernel
+    """Every kernel op (KERNEL_OPS) of `module` as one MLIR module, a function per kernel
     named `@<function>_<label>_<n>`; ops the code generator cannot lower are listed in a
     comment (they run in eager torch)."""
     kernels: list[EmittedKernel] = []

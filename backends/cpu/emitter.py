@@ -437,10 +437,17 @@ class _KernelEmitter:
         unit_dims = _unit_dim_mapping(value.shape, result.shape)
         if unit_dims is not None:
             return reindex(value, unit_dims, result.shape, sizes)
-        tensor = self._materialize([value], [compute_type(value.dtype)])[0]
+        tensor = self._stored(value)
         if not tensor.contiguous:  # collapsing a strided view would make bufferization copy it
             tensor = self._materialize([leaf(tensor, value.dtype)], [tensor.element], reuse=False)[0]
         return leaf(self._reshape_tensor(tensor, result.shape, sizes), value.dtype)
+
+    def _stored(self, value: Lazy) -> Tensor:
+        """A tensor holding `value` for a view to slice or reshape: the tensor it reads unchanged, in
+        the type it is stored in (an f16/bf16 input is not widened into a copy), else `value`
+        computed into a new tensor of its compute type."""
+        read = as_tensor_read(value)
+        return read if read is not None else self._materialize([value], [compute_type(value.dtype)])[0]
 
     def _reshape_tensor(self, tensor: Tensor, shape: tuple[int | None, ...], sizes: tuple[Size, ...]) -> Tensor:
         """Row-major reshape as views: collapse to 1-d, then expand (no copy after bufferization)."""
@@ -472,7 +479,7 @@ class _KernelEmitter:
     def _slice(self, op: Operation, operands: list[EnvValue]) -> Lazy:
         value = self._lazy(operands[0])
         result = self._result_type(op)
-        tensor = self._materialize([value], [compute_type(value.dtype)])[0]
+        tensor = self._stored(value)
         dim = op.attributes["dim"] % tensor.rank
         start, length = self._slice_bounds(tensor.sizes[dim], op.attributes["start"], op.attributes["end"],
                                            op.attributes["step"])

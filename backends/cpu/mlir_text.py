@@ -7,6 +7,8 @@ parser before lowering), so this module owns the few conventions every emitter s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flagtree.errors import FlagtreeError
 from flagtree.ir.attributes import format_float
@@ -100,6 +102,17 @@ class FunctionWriter:
 
     def index(self, value: int) -> str:
         return self.constant(value, "index")
+
+    @contextmanager
+    def loop(self, lower: int | str, upper: int | str, step: int = 1) -> Iterator[str]:
+        """An scf.for over [lower, upper) (ints are constants); yields the induction variable."""
+        iv = self.fresh("i")
+        bounds = [self.index(b) if isinstance(b, int) else b for b in (lower, upper)]
+        self.line(f"scf.for {iv} = {bounds[0]} to {bounds[1]} step {self.index(step)} {{")
+        self.depth += 1
+        yield iv
+        self.depth -= 1
+        self.line("}")
 
     def body(self) -> list[str]:
         return self.prologue + self.lines

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from flagtree.ir.core import Operation
-from flagtree.ir.opdef import AttrSpec, OpDef, register
+from flagtree.ir.opdef import FUSED, PURE, AttrSpec, OpDef, register
 from flagtree.ir.types import TensorType, Type, broadcast_shapes
 
 
@@ -31,6 +31,33 @@ def _infer_matmul(op: Operation) -> list[Type] | str:
 
 register(OpDef("ft.matmul", "batched matrix product a @ b (batch dims broadcast, rank >= 2)", (2, 2),
                infer=_infer_matmul, reference=lambda args, a, rt: torch.matmul(args[0], args[1])))
+
+
+
+def _infer_gather_matmul(op: Operation) -> list[Type] | str:
+    x, w, index = (v.type for v in op.operands)
+    if not all(isinstance(t, TensorType) for t in (x, w, index)) or (x.rank, w.rank, index.rank) != (3, 3, 1):
+        return f"gather_matmul needs x [B, M, K], w [E, K, N] and index [B], got {x}, {w} and {index}"
+    if x.dtype != w.dtype or not x.dtype.is_float:
+        return f"gather_matmul needs x and w of one floating-point element type, got {x.dtype} and {w.dtype}"
+    if index.dtype.name not in ("i64", "i32"):
+        return f"gather_matmul's index must be an i64 or i32 tensor, not {index}"
+    for (what, a), b in ((("batch", x.shape[0]), index.shape[0]), (("contraction", x.shape[2]), w.shape[1])):
+        if a is not None and b is not None and a != b:
+            return f"gather_matmul's {what} dims differ: {x}, {w}, {index}"
+    batch = x.shape[0] if x.shape[0] is not None else index.shape[0]
+    return [TensorType((batch, x.shape[1], w.shape[2]), x.dtype)]
+
+
+def _gather_matmul(args: list[Any], a: dict, rt: list[Type]) -> torch.Tensor:
+    x, w, index = args
+    return torch.matmul(x, w[index])
+
+
+register(OpDef("ft.gather_matmul", "out[b] = x[b] @ w[index[b]]: a batched matmul whose right operands are "
+               "gathered (an MoE's expert weights; aten.index semantics for index)", (3, 3),
+               traits=frozenset({PURE, FUSED}), infer=_infer_gather_matmul, reference=_gather_matmul,
+               operand_doc="x [B, M, K], w [E, K, N], index [B] (i64/i32)"))
 
 _CONV_ATTRS = {
     "stride": AttrSpec((tuple,), "stride per spatial dim"),
