@@ -31,10 +31,9 @@ import torch
 from flagtree.ir.builder import Builder
 from flagtree.ir.core import OpResult, Value
 from flagtree.ir.opdef import ELEMENTWISE, has_trait
-from flagtree.ir.types import ScalarType, TensorType
+from flagtree.ir.types import I64, ScalarType, TensorType
 from flagtree.passes.rewrite import fill_value
 
-I64 = ScalarType("i64")
 # More conjunctions than this in a mask's normal form is no mask fuse-attention can express.
 _MAX_CONJUNCTIONS = 16
 

@@ -56,7 +56,7 @@ from flagtree.errors import OptionsError
 from flagtree.ir.builder import Builder
 from flagtree.ir.core import Module, Operation, OpResult, Value
 from flagtree.ir.opdef import COMMUTATIVE, has_trait
-from flagtree.ir.types import ScalarType, TensorType
+from flagtree.ir.types import I1, ScalarType, TensorType
 from flagtree.passes.base import Pass, register_pass
 from flagtree.passes.rewrite import (
     PatternSet,
@@ -73,7 +73,6 @@ from flagtree.passes.rewrite import (
 
 # A slice `end` at or past the largest int64 reaches the end of a dim of any size.
 _INT64_MAX = 2**63 - 1
-_I1 = ScalarType("i1")
 PATTERNS = PatternSet()
 
 
@@ -298,7 +297,7 @@ def _exact_normal_inverse(divisor: float, dtype: ScalarType) -> float | None:
 @PATTERNS.pattern("ft.maximum")
 def maximum_with_zero_to_relu(op: Operation) -> bool:
     x, c = op.operands
-    if element_type(x.type) == _I1 or op.result.type != x.type or not is_splat_of(c, 0.0 if _is_float(x) else 0):
+    if element_type(x.type) == I1 or op.result.type != x.type or not is_splat_of(c, 0.0 if _is_float(x) else 0):
         return False
     return _replace_with_new(op, "ft.relu", x)
 
@@ -307,7 +306,7 @@ def maximum_with_zero_to_relu(op: Operation) -> bool:
 def where_of_negated_condition(op: Operation) -> bool:
     condition, if_true, if_false = op.operands
     negation = _producer(condition, "ft.logical_not")
-    if negation is None or element_type(negation.operands[0].type) != _I1:
+    if negation is None or element_type(negation.operands[0].type) != I1:
         return False
     return _replace_with_new(op, "ft.where", negation.operands[0], if_false, if_true)
 

@@ -23,11 +23,9 @@ from flagtree.ir.attributes import DenseAttr
 from flagtree.ir.builder import Builder
 from flagtree.ir.core import Module, Operation, Value
 from flagtree.ir.opdef import PURE, TERMINATOR, has_trait, lookup
-from flagtree.ir.types import ScalarType, TensorType, Type
+from flagtree.ir.types import I64, ScalarType, TensorType, Type
 from flagtree.passes.base import Pass, register_pass
 from flagtree.passes.rewrite import blocks, dense_representable, literal, replace_op
-
-_I64 = ScalarType("i64")
 
 
 @register_pass
@@ -82,7 +80,7 @@ def _fold_static_dim(op: Operation) -> bool:
     size = shape[op.attributes["dim"]]
     if size is None:
         return False
-    replace_op(op, [Builder.before_op(op).value("ft.constant", result_type=_I64, value=size)])
+    replace_op(op, [Builder.before_op(op).value("ft.constant", result_type=I64, value=size)])
     return True
 
 

@@ -75,7 +75,6 @@ from flagtree.passes.canonicalize import holds_exactly
 from flagtree.passes.rewrite import constant, fill_value, replace_op
 
 _VIEWS = frozenset({"ft.reshape", "ft.transpose", "ft.broadcast_to"})
-_I1 = ScalarType("i1")
 
 
 @register_pass

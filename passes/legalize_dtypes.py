@@ -25,11 +25,10 @@ from flagtree.errors import OptionsError, PassError
 from flagtree.ir.builder import Builder
 from flagtree.ir.core import Module, Operation
 from flagtree.ir.opdef import SHAPE, TERMINATOR, has_trait, lookup
-from flagtree.ir.types import ELEMENT_TYPE_NAMES, ScalarType, TensorType, Type, types_compatible
+from flagtree.ir.types import ELEMENT_TYPE_NAMES, F32, TensorType, Type, types_compatible
 from flagtree.passes.base import Pass, register_pass
 from flagtree.passes.rewrite import blocks
 
-F32 = ScalarType("f32")
 _DATA_MOVEMENT = frozenset({"ft.cast", "ft.constant", "ft.full", "ft.iota", "ft.torch_call", "ft.fusion"})
 
 

@@ -44,14 +44,13 @@ from flagtree.ir import (
     Value,
     new_function,
 )
-from flagtree.ir.types import broadcast_shapes
+from flagtree.ir.types import I64, broadcast_shapes
 
 FLOAT_DTYPES = ("f32", "bf16", "f16")
 COMPUTE_DTYPES = (*FLOAT_DTYPES, "i64", "i1")
 FP8_DTYPES = ("f8E4M3FN", "f8E5M2", "f8E8M0FNU")
 STORAGE_DTYPES = (*FP8_DTYPES, "f4E2M1FN")  # types only: never computed on
 ALL_DTYPES = (*COMPUTE_DTYPES, *STORAGE_DTYPES)
-I64 = ScalarType("i64")
 
 SPECIAL_FLOATS = (
     math.inf, -math.inf, math.nan, -math.nan, -0.0, 0.0, 1e-300, -1e-300, 5e-324, 2.2250738585072014e-308,

@@ -36,7 +36,6 @@ from flagtree.passes.affine_mask import MaskAnalysis, Sizes, Visibility, classif
 from flagtree.passes.fuse_attention import fuse_attention
 from tests.frontend_helpers import assert_matches_fp64
 
-I64 = ScalarType("i64")
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -21,6 +21,7 @@ from flagtree.ir import Builder, DenseAttr, Module, Operation, ScalarType, Tenso
 from flagtree.ir.builder import new_function
 from flagtree.ir.parser import parse_module
 from flagtree.ir.printer import print_module
+from flagtree.ir.types import F32
 from flagtree.passes import PassManager, parse_pipeline
 from tests.strategies import modules, random_inputs, runnable_modules, seeds
 
@@ -30,7 +31,6 @@ ROW_REDUCTIONS = {"ft.softmax", "ft.log_softmax"}
 CHEAP = {"ft.cast", "ft.reshape", "ft.transpose", "ft.broadcast_to", "ft.slice", "ft.constant"}
 NEVER_FUSED = {"ft.matmul", "ft.conv", "ft.torch_call", "ft.topk", "ft.sort", "ft.gather", "ft.scatter", "ft.index",
                "ft.index_put", "ft.fusion", "ft.concat", "ft.cumsum", "ft.var"}
-F32 = ScalarType("f32")
 
 
 # ---------------------------------------------------------------- helpers

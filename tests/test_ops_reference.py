@@ -31,13 +31,12 @@ from flagtree.ir.builder import infer_result_types
 from flagtree.ir.docs import ops_markdown
 from flagtree.ir.opdef import all_ops, lookup
 from flagtree.ir.parser import parse_module
-from flagtree.ir.types import Type, broadcast_shapes, types_compatible
+from flagtree.ir.types import I64, Type, broadcast_shapes, types_compatible
 from tests.strategies import seeds
 
 FLOATS = ("f32", "bf16", "f16")
 NUMERIC = (*FLOATS, "i64")
 ALL = (*NUMERIC, "i1")
-I64 = ScalarType("i64")
 # Relative L2 error allowed against the float64 oracle (DESIGN.md, "Tests"); integers and i1 compare exactly.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2,
              torch.float8_e4m3fn: 0.0, torch.float8_e5m2: 0.0}  # fp8 cases use exactly representable values

@@ -63,10 +63,8 @@ from flagtree.backends.cpu.mlir_text import (
 from flagtree.ir.attributes import DenseAttr, format_attribute
 from flagtree.ir.core import Operation, Value
 from flagtree.ir.opdef import ELEMENTWISE, has_trait
-from flagtree.ir.types import ScalarType, TensorType
+from flagtree.ir.types import F64, I64, ScalarType, TensorType
 
-I64 = ScalarType("i64")
-F64 = ScalarType("f64")
 _SCALAR_ARG_TYPES = frozenset({"i64", "i32", "f64", "f32"})
 REDUCTIONS = frozenset({"ft.sum", "ft.prod", "ft.mean", "ft.amax", "ft.amin", "ft.any", "ft.all", "ft.var"})
 ARG_REDUCTIONS = frozenset({"ft.argmax", "ft.argmin"})

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flagtree.backends.cpu.mlir_text import is_narrow_float
-from flagtree.ir.types import ScalarType
+from flagtree.ir.types import I64, ScalarType
 
 # A map from a value's iteration dims to a tensor's dims: entry k (an int) reads the tensor
 # at iteration index d_k; None reads index 0 (a broadcast size-1 dim).
@@ -67,7 +67,7 @@ class Index(Node):
     """The iteration index along `dim` as i64 (None: the constant 0 of a broadcast dim)."""
 
     dim: int | None
-    dtype: ScalarType = field(default_factory=lambda: ScalarType("i64"))
+    dtype: ScalarType = I64
 
 
 @dataclass(eq=False)

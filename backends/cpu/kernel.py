@@ -29,7 +29,7 @@ from flagtree.errors import FlagtreeError
 from flagtree.ir.core import Operation, Value
 from flagtree.ir.opdef import ELEMENTWISE, has_trait, lookup
 from flagtree.ir.ops._util import runtime_shape
-from flagtree.ir.types import ScalarType, TensorType
+from flagtree.ir.types import I64, TensorType
 
 
 class KernelCallError(FlagtreeError):
@@ -57,7 +57,7 @@ class CpuKernel:
         self._arg_types = [a.type for a in unit.args]
         self._result_types: list[TensorType] = [r.type for r in unit.results]
         self._result_dtypes = [t.dtype.torch_dtype for t in self._result_types]
-        row_range = [ScalarType("i64")] * 2 if self._work_items else []
+        row_range = [I64] * 2 if self._work_items else []
         self._layout = _ArgumentLayout([*self._arg_types, *self._result_types, *row_range])
         self._launches: dict[tuple, _Launch] = {}
 

@@ -69,7 +69,7 @@ from flagtree.ir.attributes import DenseAttr
 from flagtree.ir.core import BlockArgument, Operation, Value
 from flagtree.ir.opdef import REDUCTION, has_trait
 from flagtree.ir.printer import print_op
-from flagtree.ir.types import ScalarType, TensorType
+from flagtree.ir.types import I1, I64, ScalarType, TensorType
 
 X = frozenset({"x"})
 R = frozenset({"r"})
@@ -640,7 +640,7 @@ class _ReductionKernel(_Kernel):
         self.top.append(f"{name} = {fn}({acc}, axis=1, keep_dims=True)")
         if node.combine in ("any", "all"):
             self.top.append(f"{name} = {name} > 0")
-            return Emitted(name, ScalarType("i1"), X)
+            return Emitted(name, I1, X)
         if node.combine in ("max", "min") and dtype.is_float:
             self.top.append(f'{name} = tl.where(tl.max(({acc} != {acc}).to(tl.int32), axis=1, keep_dims=True) > 0, '
                             f'float("nan"), {name})')
@@ -659,7 +659,7 @@ class _ReductionKernel(_Kernel):
             mean = f"{red.text} / {self.divisor([self.iteration[d] for d in self.reduced])}"
             return Emitted(self.tmp(rounded(mean, dtype)), dtype, X)
         if op.name == "ft.sum" and not dtype.is_float:
-            return Emitted(self.tmp(cast(self, Operand(red.text, ScalarType("i64")), dtype)), dtype, X)
+            return Emitted(self.tmp(cast(self, Operand(red.text, I64), dtype)), dtype, X)
         if op.name == "ft.sum" and is_narrow(dtype):
             return Emitted(self.tmp(rounded(red.text, dtype)), dtype, X)
         return Emitted(red.text, dtype, X)  # amax, amin: one of the row's values

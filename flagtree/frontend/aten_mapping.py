@@ -20,14 +20,11 @@ import torch.fx as fx
 from torch._prims_common import get_computation_dtype
 
 from flagtree.ir.core import Value
-from flagtree.ir.types import ScalarType, TensorType, from_torch_dtype
+from flagtree.ir.types import F64, I1, I64, ScalarType, TensorType, from_torch_dtype
 
 if TYPE_CHECKING:
     from flagtree.frontend.importer import FXImporter
 
-I64 = ScalarType("i64")
-I1 = ScalarType("i1")
-F64 = ScalarType("f64")
 # `end` of a slice that runs to the end of its dim (Python slice semantics clamp it).
 SLICE_END = 2**63 - 1
 
@@ -974,7 +971,7 @@ for _op, _ft in ((operator.add, "ft.add"), (operator.mul, "ft.mul"), (operator.s
 @lowering(target_name(torch.sym_float), ftir="`ft.cast` to f64")
 def _sym_float(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> Value | float:
     result = node.meta["val"]
-    return result if isinstance(result, float) else ctx.scalar_value(node.args[0], ScalarType("f64"))
+    return result if isinstance(result, float) else ctx.scalar_value(node.args[0], F64)
 
 
 @lowering(target_name(operator.getitem), ftir="none (picks one result of a multi-result op)")

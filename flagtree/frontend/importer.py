@@ -29,11 +29,8 @@ from flagtree.frontend.symbolic import SymbolicSizes, UnsupportedSize
 from flagtree.ir.attributes import DenseAttr, ResourceAttr
 from flagtree.ir.builder import Builder, new_function
 from flagtree.ir.core import Location, Module, Operation, Value
-from flagtree.ir.types import ScalarType, TensorType, Type, from_torch_dtype, types_compatible
+from flagtree.ir.types import F64, I1, I64, ScalarType, TensorType, Type, from_torch_dtype, types_compatible
 
-I64 = ScalarType("i64")
-F64 = ScalarType("f64")
-I1 = ScalarType("i1")
 # Tensor constants up to this many elements are written into the IR text; larger ones are
 # resources held beside it (Module.resources), like weights.
 MAX_INLINE_ELEMENTS = 16

@@ -14,9 +14,7 @@ import sympy
 from torch.utils._sympy import functions as symfn
 
 from flagtree.ir.core import Value
-from flagtree.ir.types import ScalarType, Type
-
-I64 = ScalarType("i64")
+from flagtree.ir.types import I64, Type
 
 # Emits one op and returns its result: (op name, operands, attributes, result type or None
 # to infer it) → value.

@@ -100,6 +100,12 @@ class TensorType:
 
 Type = ScalarType | TensorType
 
+# The scalar types passes, the importer and backends name most: booleans, sizes, f32, f64.
+I1 = ScalarType("i1")
+I64 = ScalarType("i64")
+F32 = ScalarType("f32")
+F64 = ScalarType("f64")
+
 
 def scalar(name: str) -> ScalarType:
     return ScalarType(name)

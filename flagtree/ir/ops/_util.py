@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from flagtree.ir.core import Operation
-from flagtree.ir.types import ScalarType, TensorType, Type, broadcast_shapes
+from flagtree.ir.types import I64, ScalarType, TensorType, Type, broadcast_shapes
 
 
 def shape_of(t: Type) -> tuple[int | None, ...]:
@@ -47,7 +47,7 @@ def sized_result(op: Operation, first_size_operand: int) -> list[Type] | str:
     if len(sizes) != dynamic:
         return f"result {result} has {dynamic} dynamic dims but the op has {len(sizes)} size operands"
     for v in sizes:
-        if v.type != ScalarType("i64"):
+        if v.type != I64:
             return f"size operands must be i64, not {v.type}"
     return [result]
 

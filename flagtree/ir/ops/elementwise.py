@@ -18,9 +18,7 @@ import torch
 from flagtree.ir.core import Operation
 from flagtree.ir.opdef import COMMUTATIVE, ELEMENTWISE, PURE, AttrSpec, OpDef, register
 from flagtree.ir.ops._util import broadcast_or_error, elem_of, like, shape_of, torch_dtype
-from flagtree.ir.types import ScalarType, TensorType, Type
-
-I1 = ScalarType("i1")
+from flagtree.ir.types import I1, ScalarType, TensorType, Type
 
 
 def _any_tensor(op: Operation) -> bool:

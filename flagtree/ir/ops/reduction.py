@@ -9,10 +9,7 @@ import torch
 from flagtree.ir.core import Operation
 from flagtree.ir.opdef import PURE, REDUCTION, AttrSpec, OpDef, register
 from flagtree.ir.ops._util import normalize_dim, tensor_operand
-from flagtree.ir.types import ScalarType, TensorType, Type
-
-I64 = ScalarType("i64")
-I1 = ScalarType("i1")
+from flagtree.ir.types import I1, I64, ScalarType, TensorType, Type
 
 _REDUCE_ATTRS = {
     "dims": AttrSpec((tuple,), "dimensions to reduce; empty = all"),

@@ -14,9 +14,8 @@ import torch
 from flagtree.ir.core import Operation
 from flagtree.ir.opdef import PURE, SHAPE, AttrSpec, OpDef, register
 from flagtree.ir.ops._util import normalize_dim, runtime_shape, sized_result, tensor_operand
-from flagtree.ir.types import ScalarType, TensorType, Type, broadcast_shapes
+from flagtree.ir.types import I64, TensorType, Type, broadcast_shapes
 
-I64 = ScalarType("i64")
 _SHAPE = frozenset({PURE, SHAPE})
 
 
