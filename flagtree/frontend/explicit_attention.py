@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from flagtree.frontend.importer import I64, import_graph
+from flagtree.frontend.importer import import_graph
 from flagtree.ir.core import Module, Operation, OpResult, Value
-from flagtree.ir.types import TensorType
+from flagtree.ir.types import I64, TensorType
 from flagtree.passes import PassManager
 
 logger = logging.getLogger("flagtree")
