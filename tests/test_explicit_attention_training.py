@@ -5,6 +5,7 @@ with static sizes and with symbolic ones (batch, heads and lengths dynamic)."""
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 import flagtree
 from examples.zoo import ZOO
+from flagtree.frontend import explicit_attention
 from tests.frontend_helpers import TOLERANCE, assert_matches_fp64, fp64_twin
 from tests.test_training import training_step
 
@@ -149,3 +151,18 @@ def test_a_scale_from_a_symbolic_head_dim_trains_fused():
     compiled = torch.compile(scaled_q_gqa, backend="flagtree", options={"target": "interpret"}, dynamic=True)
     _, fusions = _train(scaled_q_gqa, _inputs((4, 2), generator), (), compiled)
     assert {"attention", "attention_grad"} <= set(fusions)
+
+
+def test_a_graph_the_rewiring_cannot_trace_trains_unfused_and_says_why(monkeypatch, caplog):
+    """When the forward-only trace fails, the graph trains as it would without this step (the
+    decomposed attention, probabilities saved), exactly, and the log says why."""
+
+    def failing_trace(gm, decompositions):
+        raise RuntimeError("no trace for this graph")
+
+    monkeypatch.setattr(explicit_attention, "_trace", failing_trace)
+    generator = torch.Generator().manual_seed(9)
+    with caplog.at_level(logging.WARNING, logger="flagtree"):
+        _, fusions = _train(causal_masked_fill, _inputs((2, 2), generator), ())
+    assert "attention_grad" not in fusions and fusions  # compiled, unfused
+    assert "stays unfused: RuntimeError: no trace for this graph" in caplog.text
