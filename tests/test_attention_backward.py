@@ -11,6 +11,7 @@ a logit of 1e3 is ~1e-4 of its weight."""
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flagtree.backends.interpret import InterpretBackend
+from flagtree.backends.triton import attention_backward
 from flagtree.backends.triton.attention import FlashAttention, dtype_name, power_of_two_at_least
 from flagtree.backends.triton.attention_backward import (
     BackwardClass,
@@ -25,6 +27,7 @@ from flagtree.backends.triton.attention_backward import (
     FlashAttentionBackward,
     backward_candidates,
     backward_fits,
+    chunk_count,
     head_split_count,
 )
 from flagtree.ir import Builder, Module, Operation, new_function, parse_type, verify
@@ -344,3 +347,30 @@ def test_each_call_signature_is_planned_once(backend, forward):
                                                                                            **kwargs)
         assert all(torch.equal(a, b) for a, b in zip(grads, fresh))
     assert len(backward._plans) == 2
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 16])
+def test_program_order_does_not_change_the_gradients(backend, forward, chunk):
+    """The kernels walk batch·head indices in chunks (attention_kernel._tile): any chunk size,
+    dividing the indices or not, gives bit for bit the gradients of the whole-grid order."""
+    generator = torch.Generator().manual_seed(chunk)
+    q, grad_out = (torch.randn(2, 4, 40, 16, generator=generator) for _ in range(2))
+    k, v = (torch.randn(2, 2, 40, 16, generator=generator) for _ in range(2))
+    kwargs = {"scale": 0.25, "causal": "upper_left", "window": 0}
+    out, lse = forward(q, k, v, None, None, **kwargs, with_lse=True)
+    whole_grid = FlashAttentionBackward(backend.name, backend.jit, backend.capabilities())
+    expected = whole_grid(q, k, v, out, grad_out, lse, **kwargs)
+    with mock.patch.object(attention_backward, "chunk_count", lambda _bytes, indices, _caps: min(chunk, indices)):
+        chunked = FlashAttentionBackward(backend.name, backend.jit, backend.capabilities())
+        grads = chunked(q, k, v, out, grad_out, lse, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected))
+
+
+def test_chunks_cover_the_grid_when_its_operands_fit_in_l2():
+    """All indices in one chunk when what they stream fits in most of L2; else chunks of about a
+    quarter of it, at least one index, at most all of them."""
+    l2 = dict(HOPPER.extra)["l2_bytes"]
+    assert chunk_count(2**20, 16, HOPPER) == 16
+    assert chunk_count(l2, 16, HOPPER) == 1
+    assert chunk_count(l2 // 8, 64, HOPPER) == 2
+    assert chunk_count(10 * l2, 3, HOPPER) == 1

@@ -49,7 +49,7 @@ from tests.triton_sm90 import CompileForSm90
 
 HOPPER = Capabilities(target="cuda:sm_90", dtypes=frozenset({"f32", "f16", "bf16"}),
                       matrix_dtypes=frozenset({"f16", "bf16"}), shared_memory_bytes=227 * 1024, warp_size=32,
-                      max_threads_per_block=1024, extra=(("multiprocessors", 132),))
+                      max_threads_per_block=1024, extra=(("l2_bytes", 50 * 2**20), ("multiprocessors", 132)))
 
 
 @pytest.fixture(autouse=True)

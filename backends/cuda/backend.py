@@ -48,7 +48,8 @@ class CudaBackend(TritonBackend):
             shared_memory_bytes=_shared_memory_per_block(props),
             warp_size=32,
             max_threads_per_block=getattr(props, "max_threads_per_block", 1024),
-            extra=(("device", props.name), ("multiprocessors", props.multi_processor_count)),
+            extra=(("device", props.name), ("l2_bytes", getattr(props, "L2_cache_size", 0)),
+                   ("multiprocessors", props.multi_processor_count)),
         )
 
     def jit(self, function: Any, do_not_specialize: list[str]) -> Any:

@@ -37,5 +37,6 @@ class RocmBackend(CudaBackend):
             shared_memory_bytes=_shared_memory_per_block(props),
             warp_size=getattr(props, "warp_size", 64),
             max_threads_per_block=getattr(props, "max_threads_per_block", 1024),
-            extra=(("device", props.name), ("multiprocessors", props.multi_processor_count)),
+            extra=(("device", props.name), ("l2_bytes", getattr(props, "L2_cache_size", 0)),
+                   ("multiprocessors", props.multi_processor_count)),
         )

@@ -15,9 +15,11 @@ Seven products per visible block instead of five, yet faster here than adding gr
 atomically from the KV kernel (FA2/FA3's way): on an H200 that variant took 1.7× as long
 (995 against 579 µs, bf16 16×128 causal, length 4096; 13.4 against 7.0 ms at 16384), its
 f32 atomics (a [BLOCK_M, D] tile per step) costing more than the two products they save.
-When the KV kernel's programs would leave most multiprocessors idle (MQA: one KV head for
-many query heads) the group is split across programs, each writing f32 partial sums that are
-added afterwards.
+Both kernels run on a 1-D grid that starts one block of every head (a chunk of heads whose
+operands fit in L2) before the next block, so the heaviest causal blocks start first
+(`chunk_count`).  When the KV kernel's programs would leave most multiprocessors idle (MQA:
+one KV head for many query heads) the group is split across programs, each writing f32
+partial sums that are added afterwards.
 
 Where a window keeps the keys a tile of query rows sees within one block (DeepSeek-V4's 128),
 grad_q may come from `attention_backward_q_one_block` instead: like the one-block forward it
@@ -85,6 +87,7 @@ _Q_TILES = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (64, 32, 4, 4), (6
 # (BLOCK_M, num_warps, num_stages, columns per step) of the one-block Q kernel, most promising first.
 _Q_ONE_BLOCK_TILES = ((64, 8, 2, 64), (64, 8, 3, 64), (64, 8, 1, 64), (32, 4, 2, 64), (16, 4, 2, 64))
 TUNED_CANDIDATES = 6
+DEFAULT_L2_BYTES = 48 * 2**20  # for targets that do not report their L2 size (an H100 has 50 MiB)
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,19 @@ def head_split_count(programs: int, group: int, caps: Capabilities) -> int:
     while programs * splits < multiprocessors and group % (2 * splits) == 0:
         splits *= 2
     return splits
+
+
+def chunk_count(bytes_per_index: int, indices: int, caps: Capabilities) -> int:
+    """How many of a kernel's batch·head indices the grid walks together, one block of each before
+    the next (attention_kernel._tile): all of them when the operands they stream fit in most of L2,
+    so the heaviest causal blocks of every head start first; else as many as fill a quarter of
+    L2, which their programs then share.  On an H200 (60 MiB L2), bf16 causal, the first took
+    16×128 heads at length 4096 from 584 to 497 µs, while at 16384 and for MLA (128 heads) whole-grid
+    order lost 3-10% to chunks of 6-12 MiB (benchmarks/results/attention_backward_order_*.json)."""
+    l2_bytes = dict(caps.extra).get("l2_bytes") or DEFAULT_L2_BYTES
+    if bytes_per_index * indices <= 0.8 * l2_bytes:
+        return max(indices, 1)
+    return min(max(l2_bytes // 4 // max(bytes_per_index, 1), 1), indices)
 
 
 def unsupported_reason(op: Operation, caps: Capabilities) -> str | None:
@@ -311,7 +327,9 @@ class _BackwardPlan:
         self.column_blocks = dict(DQK1=qk_column_blocks(head_dqk)[0], DQK2=qk_column_blocks(head_dqk)[1] or MIN_DOT,
                                   DV=max(MIN_DOT, power_of_two_at_least(head_dv)))
         self.out_strides = strides_of("o", t.out.stride())
+        # the K/V of one KV head, and the q and grad_out of one query head: the bytes a program streams
         self.kv_bytes = skv * (head_dqk + head_dv) * t.k.element_size()
+        self.q_bytes = sq * (head_dqk + head_dv) * t.q.element_size()
         self.shapes = {kernel: BackwardClass(kernel, dtype_name(t.q.dtype), head_dqk, head_dv, causal != "none",
                                              window > 0, t.mask is not None, self.group, power_of_two_at_least(sq),
                                              power_of_two_at_least(skv), window) for kernel in ("kv", "q")}
@@ -328,9 +346,12 @@ class _BackwardPlan:
         else:
             grad_k = torch.empty((splits * self.batch, *t.k.shape[1:]), dtype=torch.float32, device=t.k.device)
             grad_v = torch.empty((splits * self.batch, *t.v.shape[1:]), dtype=torch.float32, device=t.v.device)
-        self.kernels.backward_kv[(key_blocks, self.batch * self.kv_heads * splits)](
+        indices = self.batch * self.kv_heads * splits
+        self.kernels.backward_kv[(key_blocks * indices,)](
             q=t.q, k=t.k, v=t.v, mask=t.mask, grad_out=t.grad_out, lse=t.lse, delta=delta, grad_k=grad_k,
-            grad_v=grad_v, batches=self.batch, head_splits=splits, **self.common, **self.column_blocks,
+            grad_v=grad_v, batches=self.batch, head_splits=splits,
+            chunk=chunk_count(self.q_bytes * self.group // splits, indices, self.caps), **self.common,
+            **self.column_blocks,
             **strides_of("dk", grad_k.stride()), **strides_of("dv", grad_v.stride()),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
         if splits == 1:
@@ -352,8 +373,11 @@ class _BackwardPlan:
                 chunk_packs=chunk_pack_count(self.group // config.pack, self.kv_bytes, head_packs),
                 CHUNK=config.dim_chunk, BLOCK_M=config.block_m, KEYS=config.block_n, PACK=config.pack)
         else:
-            self.kernels.backward_q[(-(-self.sq // config.block_m), self.batch * self.q_heads)](
-                **tensors, **self.column_blocks, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+            indices = self.batch * self.q_heads
+            self.kernels.backward_q[(-(-self.sq // config.block_m) * indices,)](
+                **tensors, **self.column_blocks, batches=self.batch,
+                chunk=chunk_count(self.kv_bytes // self.group, indices, self.caps), BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n)
         return grad_q
 
 

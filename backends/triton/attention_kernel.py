@@ -49,17 +49,21 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-def _tile(m_tiles, head_packs, chunk_packs, CAUSAL: tl.constexpr):
-    """(query tile, head pack) of this program."""
+def _tile(blocks, indices, chunk, REVERSE: tl.constexpr):
+    """(block, index) of this program, on a 1-D grid of blocks × indices (query or key blocks;
+    head packs, heads or batch·head indices): programs walk the indices in chunks of `chunk`
+    and, within a chunk, one block of every index before the next block, from the last block
+    when REVERSE.  So the heaviest causal blocks of a chunk start first, and the chunk's
+    operands, sized to stay in L2, are shared by the programs running at once."""
     program = tl.program_id(0)
-    per_chunk = chunk_packs * m_tiles
-    first_pack = (program // per_chunk) * chunk_packs
-    packs_here = tl.minimum(chunk_packs, head_packs - first_pack)
+    per_chunk = chunk * blocks
+    first = (program // per_chunk) * chunk
+    here = tl.minimum(chunk, indices - first)
     index = program % per_chunk
-    m_tile = index // packs_here
-    if CAUSAL:
-        m_tile = m_tiles - 1 - m_tile
-    return m_tile, first_pack + index % packs_here
+    block = index // here
+    if REVERSE:
+        block = blocks - 1 - block
+    return block, first + index % here
 
 
 def _rows(m_tile, head_pack, group, kv_heads, Sq, BLOCK_M: tl.constexpr, PACK: tl.constexpr):
@@ -441,7 +445,7 @@ def _load_tile(ptrs, row_valid, cols, HEAD: tl.constexpr, COLUMNS: tl.constexpr,
 
 def attention_backward_kv(
     q, k, v, mask, grad_out, lse, delta, grad_k, grad_v,
-    Sq, Skv, kv_heads, group, q_heads, batches, head_splits,
+    Sq, Skv, kv_heads, group, q_heads, batches, head_splits, chunk,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -460,8 +464,8 @@ def attention_backward_kv(
     partial sums, batch index split·batches + batch, which the caller adds up).  The qk head dim
     is two column blocks DQK1 + DQK2 as in the forward (DQK2 unused when DQK1 covers it)."""
     SPLIT_QK: tl.constexpr = DQK1 < HEAD_DQK
-    start_n = tl.program_id(0) * BLOCK_N
-    index = tl.program_id(1)
+    key_block, index = _tile(tl.cdiv(Skv, BLOCK_N), batches * kv_heads * head_splits, chunk, False)
+    start_n = key_block * BLOCK_N
     split = index % head_splits
     batch = (index // head_splits // kv_heads).to(tl.int64)
     kv_head = ((index // head_splits) % kv_heads).to(tl.int64)
@@ -560,7 +564,7 @@ def attention_backward_kv(
 
 def attention_backward_q(
     q, k, v, mask, out, grad_out, lse, delta, grad_q,
-    Sq, Skv, kv_heads, group, q_heads,
+    Sq, Skv, kv_heads, group, q_heads, batches, chunk,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -579,10 +583,7 @@ def attention_backward_q(
     attention_backward_kv reads (so it runs first)."""
     SPLIT_QK: tl.constexpr = DQK1 < HEAD_DQK
     m_tiles = tl.cdiv(Sq, BLOCK_M)
-    m_tile = tl.program_id(0)
-    if CAUSAL:  # the longest rows first
-        m_tile = m_tiles - 1 - m_tile
-    index = tl.program_id(1)
+    m_tile, index = _tile(m_tiles, batches * q_heads, chunk, CAUSAL)
     batch = (index // q_heads).to(tl.int64)
     head = (index % q_heads).to(tl.int64)
     kv_head = head // group
