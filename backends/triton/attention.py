@@ -64,7 +64,7 @@ ONE_BLOCK_MAX_KEYS = 256  # the one-block kernel holds a tile's scores for this 
 DECODE_QUERY_ROWS = 64  # query rows per KV head (Sq · group) up to which the one-block kernel splits long key ranges
 ONE_BLOCK_CHUNK = 64  # head-dim columns per step of the one-block kernel
 LARGE_HEAD_DIM = 256  # from here the one-block kernel is preferred where it applies
-L2_BUDGET_BYTES = 24 * 2**20  # K/V bytes of the head packs scheduled together (a part of any recent L2)
+DEFAULT_L2_BYTES = 48 * 2**20  # for targets that do not report their L2 size (an H100 has 50 MiB)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, tensor descriptors) of the online kernel, most
 # promising first on a big-shared-memory GPU (the six fastest on an H200 for head dims 128 and
@@ -241,10 +241,18 @@ def _fitting(configs: list[AttentionConfig], shape: AttentionClass, caps: Capabi
     return useful or fitting
 
 
-def chunk_pack_count(packs_per_kv_head: int, kv_bytes: int, head_packs: int) -> int:
-    """How many head packs run next to each other (program order): as many as keep the K/V they
-    read within L2_BUDGET_BYTES, so those stay in L2 while the packs' tiles walk them."""
-    return min(max(L2_BUDGET_BYTES * packs_per_kv_head // max(kv_bytes, 1), 1), max(head_packs, 1))
+def chunk_count(bytes_per_index: int, indices: int, caps: Capabilities) -> int:
+    """How many of a kernel's head (pack) indices the grid walks together, one tile of each before
+    the next (attention_kernel._tile): all of them when the K/V (or q) bytes they stream fit in
+    most of L2, so the heaviest causal tiles of every head start first; else as many as fill an
+    eighth of L2, which the programs running at once then share.  H200 (60 MiB L2), bf16 causal:
+    16×128 heads at length 4096 forward 169 → 152 µs, backward 584 → 497 µs against the previous
+    24 MiB chunks / per-head order; MLA's 128 heads forward 1551 → 1457 µs; length 16384 within
+    noise (benchmarks/results/attention_{,backward_}order_h200_2026-11-29.json)."""
+    l2_bytes = dict(caps.extra).get("l2_bytes") or DEFAULT_L2_BYTES
+    if bytes_per_index * indices <= 0.8 * l2_bytes:
+        return max(indices, 1)
+    return min(max(l2_bytes // 8 // max(bytes_per_index, 1), 1), indices)
 
 
 def split_count(programs: int, key_blocks: int, min_blocks: int, caps: Capabilities) -> int:
@@ -382,7 +390,7 @@ class FlashAttention:
         expanded_mask = mask.expand(batch, q_heads, sq, skv) if mask is not None else None  # broadcast: stride 0
         constants = dict(
             Sq=sq, Skv=skv, kv_heads=kv_heads, group=group, q_heads=q_heads, head_packs=head_packs,
-            chunk_packs=chunk_pack_count(group // config.pack, kv_bytes, head_packs),
+            chunk_packs=chunk_count(kv_bytes * config.pack // group, head_packs, self.caps),
             scratch_rows=batch * q_heads * sq,
             **strides_of("q", q.stride()), **strides_of("k", k.stride()), **strides_of("v", v.stride()),
             **strides_of("m", expanded_mask.stride() if mask is not None else (0, 0, 0, 0)),

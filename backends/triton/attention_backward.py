@@ -53,7 +53,7 @@ from flagtree.backends.triton.attention import (
     SUPPORTED_DTYPES,
     ConfigTuner,
     benchmark_ms,
-    chunk_pack_count,
+    chunk_count,
     dot_dtype,
     dtype_name,
     kernels_for,
@@ -87,7 +87,6 @@ _Q_TILES = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (64, 32, 4, 4), (6
 # (BLOCK_M, num_warps, num_stages, columns per step) of the one-block Q kernel, most promising first.
 _Q_ONE_BLOCK_TILES = ((64, 8, 2, 64), (64, 8, 3, 64), (64, 8, 1, 64), (32, 4, 2, 64), (16, 4, 2, 64))
 TUNED_CANDIDATES = 6
-DEFAULT_L2_BYTES = 48 * 2**20  # for targets that do not report their L2 size (an H100 has 50 MiB)
 
 
 @dataclass(frozen=True)
@@ -190,19 +189,6 @@ def head_split_count(programs: int, group: int, caps: Capabilities) -> int:
     while programs * splits < multiprocessors and group % (2 * splits) == 0:
         splits *= 2
     return splits
-
-
-def chunk_count(bytes_per_index: int, indices: int, caps: Capabilities) -> int:
-    """How many of a kernel's batch·head indices the grid walks together, one block of each before
-    the next (attention_kernel._tile): all of them when the operands they stream fit in most of L2,
-    so the heaviest causal blocks of every head start first; else as many as fill a quarter of
-    L2, which their programs then share.  On an H200 (60 MiB L2), bf16 causal, the first took
-    16×128 heads at length 4096 from 584 to 497 µs, while at 16384 and for MLA (128 heads) whole-grid
-    order lost 3-10% to chunks of 6-12 MiB (benchmarks/results/attention_backward_order_*.json)."""
-    l2_bytes = dict(caps.extra).get("l2_bytes") or DEFAULT_L2_BYTES
-    if bytes_per_index * indices <= 0.8 * l2_bytes:
-        return max(indices, 1)
-    return min(max(l2_bytes // 4 // max(bytes_per_index, 1), 1), indices)
 
 
 def unsupported_reason(op: Operation, caps: Capabilities) -> str | None:
@@ -370,7 +356,7 @@ class _BackwardPlan:
             positions = config.block_m // config.pack
             self.kernels.backward_q_one_block[(-(-self.sq // positions) * head_packs,)](
                 **tensors, head_packs=head_packs,
-                chunk_packs=chunk_pack_count(self.group // config.pack, self.kv_bytes, head_packs),
+                chunk_packs=chunk_count(self.kv_bytes * config.pack // self.group, head_packs, self.caps),
                 CHUNK=config.dim_chunk, BLOCK_M=config.block_m, KEYS=config.block_n, PACK=config.pack)
         else:
             indices = self.batch * self.q_heads
