@@ -492,9 +492,12 @@ def test_dump_runs_the_script_and_summarizes_each_graph(capsys, tmp_path, monkey
     assert "script args: ['--steps', '1']" in out
     graphs = [p for p in dump_dir.iterdir() if p.is_dir()]
     assert len(graphs) == 1
-    for name in ("fx_graph.py", "input.ftir", "output.ftir", "report.json"):
+    for name in ("fx_graph.py", "input.ftir", "output.ftir", "plan.py", "report.json"):
         assert (graphs[0] / name).is_file()
         assert name in out
+    # The launch plan is the one the graph ran: it calls the kernel of the fused relu(x * 2 + y).sum(-1).
+    plan = (graphs[0] / "plan.py").read_text()
+    assert "def run(arg0, arg1):" in plan and "fused_" in plan
     assert f"1 graph dumped under {dump_dir}/" in out
     backend = select_backend(torch.device("cpu")).name
     assert f"backend={backend}" in out and "pass times: " in out and "canonicalize" in out

@@ -6,6 +6,7 @@ With a dump folder, every stage is written to `DIR/graph_<n>_<kind>/`:
     input.ftir       the FTIR right after import
     passes/main/NN_<pass>_before.ftir, NN_<pass>_after.ftir   around each pass
     output.ftir      the FTIR the backend receives
+    plan.py          the backend's launch plan (`flagtree-opt --emit=python` of output.ftir), when it has one
     report.json      the graph's Report (fusions, fallbacks, op counts, pass times)
 """
 
@@ -104,6 +105,8 @@ def compile_aten_graph(
         if dump:
             dump.write("output.ftir", print_module(module, print_locations=True))
         executable = backend.compile(module, capabilities)
+        if dump and isinstance(getattr(executable, "source", None), str):
+            dump.write("plan.py", executable.source)
     report = _report(graph, backend.name, module, pipeline, pass_times, imported.fallback_reasons, dump)
     # ft.torch_calls are already in report.fallbacks (the plan names them aten::op, reports aten.op)
     report.kernel_fallbacks = {op: n for op, n in getattr(executable, "fallback_ops", {}).items()
