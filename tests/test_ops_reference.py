@@ -683,17 +683,24 @@ def _matmul_case() -> Case:
 def _gather_matmul_case() -> Case:
     def spec(draw) -> Spec:
         dtype = draw(st.sampled_from(FLOATS))
-        batch, m, k, n, experts = (draw(st.sampled_from(DIMS)) for _ in range(5))
+        entries, m, k, n, experts = (draw(st.sampled_from(DIMS)) for _ in range(5))
+        transpose_w, x_repeat = draw(st.booleans()), draw(st.sampled_from((1, 2, 3)))
+        batch = entries * x_repeat
         generator = torch.Generator().manual_seed(draw(seeds()))
         # Negative entries count from the end, as in aten.index.
         index = torch.randint(-experts, experts, (batch,), generator=generator)
-        x, w = (batch, m, k), (experts, k, n)
+        x, w = (entries, m, k), (experts, n, k) if transpose_w else (experts, k, n)
+        attributes = {"transpose_w": True} if transpose_w else {}
+        if x_repeat > 1:
+            attributes["x_repeat"] = x_repeat
         return Spec([_t(x, dtype), _t(w, dtype), _t((batch,), "i64")],
-                    [_tensor(draw, x, dtype), _tensor(draw, w, dtype), index])
+                    [_tensor(draw, x, dtype), _tensor(draw, w, dtype), index], attributes)
 
     def expected(inputs: list[Any], attrs: dict, types: list[Type]) -> list[Any]:
         x, w, index = (_np(t) for t in inputs)
-        return [np.stack([x[b] @ w[index[b]] for b in range(len(index))])]
+        repeat = attrs.get("x_repeat", 1)
+        weights = [w[e].T if attrs.get("transpose_w", False) else w[e] for e in index]
+        return [np.stack([x[b // repeat] @ weights[b] for b in range(len(index))])]
 
     return Case(spec, expected, retype=False)
 

@@ -33,31 +33,51 @@ register(OpDef("ft.matmul", "batched matrix product a @ b (batch dims broadcast,
                infer=_infer_matmul, reference=lambda args, a, rt: torch.matmul(args[0], args[1])))
 
 
+GATHER_MATMUL_ATTRS = {
+    "transpose_w": AttrSpec((bool,), "w is [E, N, K] and each gathered matrix is read transposed (BLAS's transB): "
+                            "nn.Linear-layout experts used as they are", required=False),
+    "x_repeat": AttrSpec((int,), "x holds B / x_repeat batch entries, each read by x_repeat consecutive index "
+                         "entries (x.repeat_interleave(x_repeat, 0) used without the copy); default 1",
+                         required=False),
+}
+
 
 def _infer_gather_matmul(op: Operation) -> list[Type] | str:
     x, w, index = (v.type for v in op.operands)
+    transpose_w = op.attributes.get("transpose_w", False)
+    repeat = op.attributes.get("x_repeat", 1)
+    w_layout = "[E, N, K]" if transpose_w else "[E, K, N]"
     if not all(isinstance(t, TensorType) for t in (x, w, index)) or (x.rank, w.rank, index.rank) != (3, 3, 1):
-        return f"gather_matmul needs x [B, M, K], w [E, K, N] and index [B], got {x}, {w} and {index}"
+        return f"gather_matmul needs x [B, M, K], w {w_layout} and index [B], got {x}, {w} and {index}"
     if x.dtype != w.dtype or not x.dtype.is_float:
         return f"gather_matmul needs x and w of one floating-point element type, got {x.dtype} and {w.dtype}"
     if index.dtype.name not in ("i64", "i32"):
         return f"gather_matmul's index must be an i64 or i32 tensor, not {index}"
-    for (what, a), b in ((("batch", x.shape[0]), index.shape[0]), (("contraction", x.shape[2]), w.shape[1])):
+    if repeat < 1:
+        return f"gather_matmul's x_repeat must be at least 1 (1: x has one entry per index entry), got {repeat}"
+    depth, cols = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    x_batch = x.shape[0] * repeat if x.shape[0] is not None else None
+    for what, a, b in (("batch", x_batch, index.shape[0]), ("contraction", x.shape[2], depth)):
         if a is not None and b is not None and a != b:
-            return f"gather_matmul's {what} dims differ: {x}, {w}, {index}"
-    batch = x.shape[0] if x.shape[0] is not None else index.shape[0]
-    return [TensorType((batch, x.shape[1], w.shape[2]), x.dtype)]
+            return (f"gather_matmul's {what} dims differ: x {x} (x_repeat {repeat}), w {w} "
+                    f"(transpose_w {transpose_w}), index {index}")
+    batch = x_batch if x_batch is not None else index.shape[0]
+    return [TensorType((batch, x.shape[1], cols), x.dtype)]
 
 
 def _gather_matmul(args: list[Any], a: dict, rt: list[Type]) -> torch.Tensor:
     x, w, index = args
-    return torch.matmul(x, w[index])
+    weights = w[index]
+    if a.get("transpose_w", False):
+        weights = weights.transpose(1, 2)
+    return torch.matmul(x.repeat_interleave(a.get("x_repeat", 1), 0), weights)
 
 
-register(OpDef("ft.gather_matmul", "out[b] = x[b] @ w[index[b]]: a batched matmul whose right operands are "
-               "gathered (an MoE's expert weights; aten.index semantics for index)", (3, 3),
+register(OpDef("ft.gather_matmul", "out[b] = x[b // x_repeat] @ op(w[index[b]]), op = transpose when transpose_w: "
+               "a batched matmul whose right operands are gathered (an MoE's expert weights; aten.index semantics "
+               "for index)", (3, 3), attrs=GATHER_MATMUL_ATTRS,
                traits=frozenset({PURE, FUSED}), infer=_infer_gather_matmul, reference=_gather_matmul,
-               operand_doc="x [B, M, K], w [E, K, N], index [B] (i64/i32)"))
+               operand_doc="x [B / x_repeat, M, K], w [E, K, N] ([E, N, K] when transpose_w), index [B] (i64/i32)"))
 
 _CONV_ATTRS = {
     "stride": AttrSpec((tuple,), "stride per spatial dim"),
