@@ -8,16 +8,21 @@ Op classes
   (reductions over their dim that keep the shape);
 - cheap ops: ft.cast, the views ft.reshape/ft.transpose/ft.broadcast_to/ft.slice (step 1),
   and ft.constant literals that are scalars, 0-d or splats;
+- joins: ft.concat, only with the option `concat` (a backend whose code generator writes
+  a concatenation's pieces into their slices of its result turns it on);
 - barriers: everything else.  ft.matmul, ft.conv, ft.torch_call, top-k/sort/gather/scatter/
-  index ops, concat/pad/flip, existing ft.fusion ops and ops on scalar sizes stay outside.
+  index ops, concat (without the option)/pad/flip, existing ft.fusion ops and ops on scalar
+  sizes stay outside.
   A matmul's epilogue (bias, activation, residual) becomes a separate group after it;
   fusing epilogues into GEMM templates is future work for the codegen backends.
 
 Grouping algorithm
 ------------------
-1. Walk each function body in order.  Every compute op, and every cheap op reading a value
-   of a grouped op, starts a group of its own, then merges with the group of each operand's
-   producer, in operand order, when the merged group is valid (below) and merging creates
+1. Walk each function body in order.  Every compute op, and every cheap op or join reading
+   a value of a grouped op, starts a group of its own, then merges with the group of each
+   operand's producer, in operand order (a join also with the group producing the operand
+   of a view grouped alone: stack's unsqueeze of a piece, which the piece's group refused
+   as it changes the shape), when the merged group is valid (below) and merging creates
    no cycle: no path leads from one of the two groups to the other through an op outside
    both (paths through a third group count from every one of its members, since a group
    runs as one unit).  Groups without a compute op are dissolved again.
@@ -45,9 +50,22 @@ A group is valid when
   adds or removes size-1 dims) to the result dim of the same axis of S.  A kernel walking the
   kept dims of S and, for each point, the reduced dims (a row-persistent reduction kernel)
   computes the whole group.  Slices and general reshapes apply to inputs only;
-- it has at most `max-ops` members (0: no limit): its compute ops and the casts and views
-  that read a computed value, not the constants and the casts and views of other inputs
-  cloned into it.
+- it has at most `max-ops` members (0: no limit): its compute ops and the casts, views and
+  joins that read a computed value, not the constants and the casts and views of other
+  inputs cloned into it.
+
+A group holding an ft.concat (a concat group) is valid when instead
+- it holds one concat and no reduction;
+- piece i, the members the concat's operand i is computed from (directly or through other
+  members), is a valid group of that operand's shape P_i; its last member may be a reshape
+  that only adds or removes size-1 dims (torch.stack's unsqueeze), then the others have the
+  shape before that reshape;
+- the rest, the concat and every member not in a piece (those reading the concat's result,
+  and what they read besides), is a valid group of the concat's result shape S, reading
+  piece members only through the concat.
+The kernel walks each piece's shape in a loop nest of its own, writing the piece into its
+slice of the concat's result, then S for the rest.  So no element is read out of bounds,
+and no piece is computed at a point of another.
 
 Shapes compare structurally: a dynamic dim matches a dynamic dim in the same place, and is
 taken to be larger than 1 (torch.compile specialises sizes 0 and 1).
@@ -56,8 +74,9 @@ Invariants of the result (tests/test_fuse_elementwise.py checks them on random p
 - semantics: every function computes exactly what it computed before (the reference
   backend runs `ft.fusion` regions op by op, so results are bit-identical);
 - each region is isolated (it reads only its block arguments), holds only compute ops,
-  casts, the four views and literal constants, and reduces over one dim set of one shape;
-- every yielded value has the group's shape S or its reduced shape;
+  casts, the four views, literal constants and (with `concat`) one concat, and reduces over
+  one dim set of one shape;
+- every yielded value has the group's shape S or its reduced shape, or a piece's shape;
 - each compute op of the input appears exactly once in the output;
 - the function stays acyclic and verifies; running the pass again changes nothing.
 """
@@ -97,6 +116,7 @@ class FuseElementwise(Pass):
 
     name: ClassVar[str] = "fuse-elementwise"
     max_ops: int = 0
+    concat: bool = False  # let ft.concat join the group computing its operands (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.max_ops < 0:
@@ -106,7 +126,7 @@ class FuseElementwise(Pass):
     def run(self, module: Module) -> bool:
         changed = False
         for func in module.functions:
-            changed |= _fuse_block(func.regions[0].block, self.max_ops)
+            changed |= _fuse_block(func.regions[0].block, self.max_ops, self.concat)
         return changed
 
 
@@ -183,10 +203,64 @@ class Domain:
 
 
 def group_domain(members: list[Operation], max_ops: int = 0) -> Domain | None:
-    """The domain of a group of ops, or None when they do not form a valid group (see the
-    module docstring)."""
+    """The domain of a group of ops (in block order), or None when they do not form a valid
+    group (see the module docstring)."""
     if max_ops and len(members) > max_ops:
         return None
+    concats = [op for op in members if op.name == "ft.concat"]
+    if concats:
+        return _concat_domain(members, concats)
+    return _fused_domain(members)
+
+
+def _concat_domain(members: list[Operation], concats: list[Operation]) -> Domain | None:
+    """The domain of a concat group: its rest's, when its pieces and its rest are valid."""
+    if len(concats) > 1 or any(is_reduction(op) for op in members):
+        return None
+    concat = concats[0]
+    piece_ids: set[int] = set()
+    for operand in concat.operands:
+        piece = _feeding(operand, members)
+        if piece and not _is_valid_piece(piece, operand):
+            return None
+        piece_ids.update(id(op) for op in piece)
+    rest = [op for op in members if id(op) not in piece_ids]
+    reads_piece = any(_produced_by(v, piece_ids) for op in rest if op is not concat for v in op.operands)
+    return None if reads_piece else _fused_domain(rest)
+
+
+def _feeding(value: Value, members: list[Operation]) -> list[Operation]:
+    """The members (in block order) `value` is computed from, its producer included."""
+    member_ids = {id(op) for op in members}
+    found: set[int] = set()
+    pending = [value]
+    while pending:
+        current = pending.pop()
+        if _produced_by(current, member_ids) and id(current.op) not in found:
+            found.add(id(current.op))
+            pending.extend(current.op.operands)
+    return [op for op in members if id(op) in found]
+
+
+def _produced_by(value: Value, op_ids: set[int]) -> bool:
+    return isinstance(value, OpResult) and id(value.op) in op_ids
+
+
+def _is_valid_piece(piece: list[Operation], operand: Value) -> bool:
+    """Whether the members computing a concat operand form a group of its shape, possibly
+    ending in a reshape that only adds or removes size-1 dims (see the module docstring)."""
+    last = piece[-1]
+    shape = operand.type.shape
+    if last.name == "ft.reshape" and _size_one_reshape_map(last.operands[0].type.shape, shape) is not None:
+        piece, shape = piece[:-1], last.operands[0].type.shape
+    if not piece:
+        return True
+    domain = _fused_domain(piece)
+    return domain is not None and domain.shape == shape
+
+
+def _fused_domain(members: list[Operation]) -> Domain | None:
+    """The domain of a group without a concat, or None when it is not valid."""
     reductions = [op for op in members if is_reduction(op)]
     if reductions:
         shape = reductions[0].operands[0].type.shape
@@ -265,9 +339,10 @@ class _Group:
 class _Grouper:
     """Step 1 of the algorithm: partition a block's fusible ops into groups."""
 
-    def __init__(self, block: Block, max_ops: int):
+    def __init__(self, block: Block, max_ops: int, concat: bool):
         self.block = block
         self.max_ops = max_ops
+        self.concat = concat
         self.position = {id(op): i for i, op in enumerate(block.ops)}
         self.successors = _successors(block)
         self.group_of: dict[int, _Group] = {}
@@ -277,7 +352,11 @@ class _Grouper:
         """The groups holding a compute op, with their domains, by first member."""
         for op in self.block.ops:
             producers = self._producer_groups(op)
-            if is_compute(op) or (is_cheap(op) and producers):
+            if self.concat and op.name == "ft.concat":
+                producers = self._concat_producer_groups(op, producers)
+                if producers:
+                    self._place(op, producers)
+            elif is_compute(op) or (is_cheap(op) and producers):
                 self._place(op, producers)
         unique = {id(group): group for group in self.group_of.values()}
         kept = [group for group in unique.values() if any(is_compute(op) for op in group.members)]
@@ -290,6 +369,18 @@ class _Grouper:
             if isinstance(operand, OpResult) and id(operand.op) in self.group_of:
                 group = self.group_of[id(operand.op)]
                 found.setdefault(id(group), group)
+        return list(found.values())
+
+    def _concat_producer_groups(self, concat: Operation, producers: list[_Group]) -> list[_Group]:
+        """The groups a concat merges with: its operands' producers', and for an operand that
+        is a view grouped alone (stack's unsqueeze of a piece: the piece's group refused it,
+        as it changes the shape), the groups producing that view's operand, right after it."""
+        found: dict[int, _Group] = {}
+        for group in producers:
+            found.setdefault(id(group), group)
+            if len(group.members) == 1 and is_cheap(group.members[0]):
+                for producer in self._producer_groups(group.members[0]):
+                    found.setdefault(id(producer), producer)
         return list(found.values())
 
     def _place(self, op: Operation, producers: list[_Group]) -> None:
@@ -382,8 +473,8 @@ def _top_level(op: Operation, block: Block) -> Operation | None:
 # ---------------------------------------------------------------- rewriting
 
 
-def _fuse_block(block: Block, max_ops: int) -> bool:
-    grouper = _Grouper(block, max_ops)
+def _fuse_block(block: Block, max_ops: int, concat: bool) -> bool:
+    grouper = _Grouper(block, max_ops, concat)
     groups = [(group, domain) for group, domain in grouper.groups() if _is_read(group.members, block)]
     if not groups:
         return False

@@ -36,9 +36,9 @@ NEVER_FUSED = {"ft.matmul", "ft.conv", "ft.torch_call", "ft.topk", "ft.sort", "f
 # ---------------------------------------------------------------- helpers
 
 
-def fuse(module: Module, max_ops: int = 0) -> bool:
+def fuse(module: Module, max_ops: int = 0, concat: bool = False) -> bool:
     """Run the pass through the pass manager (which verifies its output); True if it changed the IR."""
-    result = PassManager(f"fuse-elementwise{{max-ops={max_ops}}}").run(module)
+    result = PassManager(f"fuse-elementwise{{max-ops={max_ops} concat={str(concat).lower()}}}").run(module)
     return "fuse-elementwise" in result.changed
 
 
@@ -104,7 +104,7 @@ def _is_splat(values: torch.Tensor) -> bool:
     return values.unique().numel() <= 1 or bool(values.isnan().all())
 
 
-def assert_group_invariants(fusion: Operation, max_ops: int) -> None:
+def assert_group_invariants(fusion: Operation, max_ops: int, concat: bool) -> None:
     """The contract of a region the pass built (see the docstring of passes/fuse_elementwise.py)."""
     block = fusion.regions[0].block
     *body, terminator = block.ops
@@ -113,7 +113,8 @@ def assert_group_invariants(fusion: Operation, max_ops: int) -> None:
     for op in body:
         assert all(id(v) in defined for v in op.operands), f"region reads a value from outside: {op.name}"
         defined.update(id(r) for r in op.results)
-        assert op.name not in NEVER_FUSED and not op.regions, f"{op.name} inside a fusion"
+        joins = concat and op.name == "ft.concat"
+        assert (op.name not in NEVER_FUSED or joins) and not op.regions, f"{op.name} inside a fusion"
         if op.name == "ft.slice":
             assert op.attributes["step"] == 1
         if op.name == "ft.constant":
@@ -125,6 +126,11 @@ def assert_group_invariants(fusion: Operation, max_ops: int) -> None:
     assert any(is_computed(op) for op in members)
     if max_ops:
         assert len(members) <= max_ops
+    concats = [op for op in body if op.name == "ft.concat"]
+    if concats:
+        assert len(concats) == 1 and not reductions
+        assert_concat_group(concats[0], members, terminator.operands)
+        return
     if reductions:
         shape, reduced = reductions[0].operands[0].type.shape, reduced_dims(reductions[0])
         assert all(r.operands[0].type.shape == shape and reduced_dims(r) == reduced for r in reductions)
@@ -135,17 +141,57 @@ def assert_group_invariants(fusion: Operation, max_ops: int) -> None:
     assert all(v.type.shape in shapes for v in terminator.operands)
 
 
-def check_fusion(module: Module, seed: int | None, max_ops: int = 0) -> None:
+def assert_concat_group(concat: Operation, members: list[Operation], yielded: list[Value]) -> None:
+    """A concat group: the members computing operand i (piece i) have its shape, or, under a
+    last reshape of size-1 dims, the shape before it; the others (the rest) have the concat's
+    shape and read piece members only through the concat; every yielded value has one of
+    those shapes."""
+    member_ids = {id(op) for op in members}
+    piece_ids: set[int] = set()
+    shapes = {concat.results[0].type.shape}
+    for operand in concat.operands:
+        piece = upstream(operand, member_ids)
+        piece_ids.update(id(op) for op in piece)
+        allowed = {operand.type.shape}
+        last = getattr(operand, "op", None)
+        if last is not None and last.name == "ft.reshape" and id(last) in member_ids:
+            before = last.operands[0].type.shape
+            assert [d for d in before if d != 1] == [d for d in operand.type.shape if d != 1]
+            allowed.add(before)
+        assert all(op.results[0].type.shape in allowed for op in piece), "a piece member of another shape"
+        shapes |= allowed
+    for op in members:
+        if id(op) in piece_ids:
+            continue
+        assert op.results[0].type.shape == concat.results[0].type.shape, "a member not of the concat's shape"
+        if op is not concat:
+            assert not any(id(getattr(v, "op", None)) in piece_ids for v in op.operands), "a piece read directly"
+    assert all(v.type.shape in shapes for v in yielded)
+
+
+def upstream(value: Value, member_ids: set[int]) -> list[Operation]:
+    """The members `value` is computed from, its producer included."""
+    found: dict[int, Operation] = {}
+    pending = [value]
+    while pending:
+        producer = getattr(pending.pop(), "op", None)
+        if producer is not None and id(producer) in member_ids and id(producer) not in found:
+            found[id(producer)] = producer
+            pending.extend(producer.operands)
+    return list(found.values())
+
+
+def check_fusion(module: Module, seed: int | None, max_ops: int = 0, concat: bool = False) -> None:
     """Run the pass on `module` and check everything a run must guarantee."""
     before = clone_module(module)
     existing = {id(op) for op in fusions(module)}
-    fuse(module, max_ops)
+    fuse(module, max_ops, concat)
     verify(module)  # in particular: every value is defined before it is used, so no cycle
     for fusion in fusions(module):
         if id(fusion) not in existing:
-            assert_group_invariants(fusion, max_ops)
+            assert_group_invariants(fusion, max_ops, concat)
     assert computed_ops(module) == computed_ops(before), "a compute op was copied or dropped"
-    assert not fuse(module, max_ops), "a second run changed the IR"
+    assert not fuse(module, max_ops, concat), "a second run changed the IR"
     if seed is not None:
         assert_same_results(before, module, seed)
 
@@ -349,6 +395,70 @@ def test_dead_ops_are_left_for_dce():
     assert top_level_names(module) == ["ft.exp", "ft.fusion", "func.return"]
 
 
+def rotary(seq: int, half: int, interleaved: bool) -> Module:
+    """Rotary on (2, seq, 3, 2*half), as the importer writes examples/zoo.py's Rotary: halves
+    joined by a concat, or (interleaved) adjacent pairs by a stack, then flattened."""
+    width = 2 * half
+    p = Program(tensor(2, seq, 3, width), tensor(seq, 1, half), tensor(seq, 1, half))
+    x, cos, sin = p.args
+    quarter = tensor(2, seq, 3, half)
+    if interleaved:
+        pairs = p.op("ft.reshape", x, result_type=tensor(2, seq, 3, half, 2))
+        x0, x1 = (p.op("ft.reshape", p.op("ft.slice", pairs, dim=4, start=k, end=k + 1, step=1), result_type=quarter)
+                  for k in (0, 1))
+    else:
+        x0, x1 = (p.op("ft.slice", x, dim=3, start=k * half, end=(k + 1) * half, step=1) for k in (0, 1))
+    first = p.op("ft.sub", p.op("ft.mul", x0, cos), p.op("ft.mul", x1, sin))
+    second = p.op("ft.add", p.op("ft.mul", x0, sin), p.op("ft.mul", x1, cos))
+    if not interleaved:
+        return p.returns(p.op("ft.concat", first, second, dim=3))
+    pieces = [p.op("ft.reshape", v, result_type=tensor(2, seq, 3, half, 1)) for v in (first, second)]
+    return p.returns(p.op("ft.reshape", p.op("ft.concat", *pieces, dim=4), result_type=tensor(2, seq, 3, width)))
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.booleans(), seeds())
+def test_a_rotary_with_its_concat_becomes_one_group(seq, half, interleaved, seed):
+    module = rotary(seq, half, interleaved)
+    check_fusion(module, seed, concat=True)
+    flatten = ["ft.reshape"] if interleaved else []
+    assert top_level_names(module) == ["ft.fusion", *flatten, "func.return"]
+    (group,) = fusions(module)
+    assert [op.name for op in group.regions[0].block.ops].count("ft.concat") == 1
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_without_the_option_a_concat_joins_no_group(interleaved):
+    module = rotary(5, 4, interleaved)
+    check_fusion(module, seed=8)
+    assert top_level_names(module).count("ft.concat") == 1
+    assert len(fusions(module)) == 2
+
+
+def test_a_concat_of_a_reduction_stays_outside():
+    """A concat group holds no reduction: a softmax's result is joined after its kernel."""
+    p = Program(tensor(4, 6), tensor(4, 2))
+    x, y = p.args
+    module = p.returns(p.op("ft.concat", p.op("ft.softmax", x, dim=1), p.op("ft.exp", y), dim=1))
+    check_fusion(module, seed=9, concat=True)
+    assert top_level_names(module) == ["ft.fusion", "ft.fusion", "func.return"]
+    names = [[op.name for op in f.regions[0].block.ops] for f in fusions(module)]
+    assert names == [["ft.softmax", "ft.yield"], ["ft.exp", "ft.concat", "ft.yield"]]
+
+
+def test_a_member_reading_a_piece_directly_is_not_in_the_concat_group():
+    """cat(a, b) * a: the multiply walks the concat's shape and would read piece `a` at points
+    of the other piece, so it is not grouped with the concat."""
+    p = Program(tensor(4, 1), tensor(4, 3))
+    x, y = p.args
+    a = p.op("ft.exp", x)
+    joined = p.op("ft.concat", a, p.op("ft.tanh", y), dim=1)
+    module = p.returns(p.op("ft.mul", joined, a))
+    check_fusion(module, seed=10, concat=True)
+    for fusion in fusions(module):
+        names = [op.name for op in fusion.regions[0].block.ops]
+        assert not ("ft.concat" in names and "ft.mul" in names)
+
+
 def test_negative_max_ops_is_an_error():
     with pytest.raises(OptionsError, match="max-ops"):
         parse_pipeline("fuse-elementwise{max-ops=-1}")
@@ -357,15 +467,15 @@ def test_negative_max_ops_is_an_error():
 # ---------------------------------------------------------------- random programs
 
 
-@given(runnable_modules(max_ops=12), seeds(), st.sampled_from([0, 1, 2, 3]))
-def test_random_modules_keep_their_results_and_the_group_invariants(module, seed, max_ops):
-    check_fusion(module, seed, max_ops)
+@given(runnable_modules(max_ops=12), seeds(), st.sampled_from([0, 1, 2, 3]), st.booleans())
+def test_random_modules_keep_their_results_and_the_group_invariants(module, seed, max_ops, concat):
+    check_fusion(module, seed, max_ops, concat)
 
 
-@given(modules(max_ops=10))
-def test_any_module_stays_valid_and_prints_back(module):
+@given(modules(max_ops=10), st.booleans())
+def test_any_module_stays_valid_and_prints_back(module, concat):
     """Dynamic shapes, every element type, existing fusions, symbolic sizes."""
-    check_fusion(module, seed=None)
+    check_fusion(module, seed=None, concat=concat)
     text = print_module(module)
     assert print_module(parse_module(text)) == text
 
@@ -390,7 +500,8 @@ def row_programs(draw) -> Module:
     pool = list(p.args)
     full = tensor(rows, cols)
     for _ in range(draw(st.integers(1, 12))):
-        kind = draw(st.sampled_from(["unary", "binary", "binary", "reduce", "softmax", "cast", "view", "barrier"]))
+        kind = draw(st.sampled_from(["unary", "binary", "binary", "reduce", "softmax", "cast", "view", "concat",
+                                     "barrier"]))
         matrices = [v for v in pool if v.type.shape == (rows, cols)]
         if kind == "unary":
             name = draw(st.sampled_from(["ft.tanh", "ft.sigmoid", "ft.neg", "ft.abs", "ft.silu", "ft.exp"]))
@@ -414,6 +525,8 @@ def row_programs(draw) -> Module:
             pool.append(p.op("ft.cast", narrow, result_type=value.type))
         elif kind == "view":
             pool.append(_draw_view(draw, p, pool, rows, cols))
+        elif kind == "concat":
+            pool.append(_draw_concat(draw, p, matrices, rows, cols))
         else:
             value = draw(st.sampled_from(matrices))
             if draw(st.booleans()):
@@ -450,6 +563,21 @@ def _draw_view(draw, p: Program, pool: list[Value], rows: int, cols: int) -> Val
     return p.op("ft.transpose", value, perm=(1, 0))
 
 
-@given(row_programs(), seeds(), st.sampled_from([0, 0, 2, 5]))
-def test_row_programs_keep_their_results_and_the_group_invariants(module, seed, max_ops):
-    check_fusion(module, seed, max_ops)
+def _draw_concat(draw, p: Program, matrices: list[Value], rows: int, cols: int) -> Value:
+    """A concat of two matrices along either dim, of two slices of them back into one matrix
+    (slices of computed values are not views a group folds), or a stack of them."""
+    first, second = draw(st.sampled_from(matrices[2:] or matrices)), draw(st.sampled_from(matrices))  # 2 inputs
+    choice = draw(st.sampled_from(["join", "split", "stack"]))
+    if choice == "join":
+        return p.op("ft.concat", first, second, dim=draw(st.sampled_from([0, 1, -1])))
+    if choice == "split" and cols > 1:
+        k = draw(st.integers(1, cols - 1))
+        head = p.op("ft.slice", first, dim=1, start=0, end=k, step=1)
+        return p.op("ft.concat", head, p.op("ft.slice", second, dim=1, start=k, end=cols, step=1), dim=1)
+    pieces = [p.op("ft.reshape", v, result_type=tensor(rows, cols, 1)) for v in (first, second)]
+    return p.op("ft.concat", *pieces, dim=2)
+
+
+@given(row_programs(), seeds(), st.sampled_from([0, 0, 2, 5]), st.booleans())
+def test_row_programs_keep_their_results_and_the_group_invariants(module, seed, max_ops, concat):
+    check_fusion(module, seed, max_ops, concat)

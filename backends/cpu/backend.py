@@ -58,7 +58,8 @@ class CpuBackend(Backend):
 
     def pipeline(self, capabilities: Capabilities) -> str:
         # fuse-gather-matmul first: its kernel reads an MoE's expert weights in place (no copy per token).
-        return "fuse-gather-matmul,fuse-elementwise"
+        # concat: a concatenation joins the kernel computing its pieces (a rotary embedding is one kernel).
+        return "fuse-gather-matmul,fuse-elementwise{concat=true}"
 
     def compile(self, module: Module, capabilities: Capabilities) -> LaunchPlan:
         kernels = _KernelCompiler(capabilities)

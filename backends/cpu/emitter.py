@@ -6,6 +6,10 @@ one scalar per scalar input, then one memref per output, which it fills through
 `bufferization.materialize_in_destination`; `llvm.emit_c_interface` gives it the C ABI
 the ExecutionEngine calls.
 
+A concatenation is computed piece by piece: each piece's loop nest writes its slice of the
+output (or, when other ops of the unit read it, of a kernel-local tensor), so no loop reads
+a piece's inputs beyond their bounds, and pieces of one shape share a loop nest.
+
 Dynamic dims (`?`) keep their runtime sizes as `index` SSA values.  A `?` dim is assumed
 never to be a broadcast size 1 (Dynamo specialises sizes 0 and 1; the kernel wrapper checks
 it at run time), so `?` dims of one broadcast position are equal and broadcasting is static.
@@ -36,6 +40,7 @@ from flagtree.backends.cpu import approx, scalar_ops
 from flagtree.backends.cpu.expr import (
     Apply,
     Index,
+    Joined,
     Lazy,
     Leaf,
     Map,
@@ -137,7 +142,17 @@ def emit_kernel(unit: KernelUnit, rows: frozenset[int] | None = None) -> Emitted
     return _KernelEmitter(unit, rows or frozenset()).emit()
 
 
-EnvValue = Lazy | Scalar  # tensors are Lazy (a plain tensor is a Lazy read of it)
+@dataclass(frozen=True)
+class _Write:
+    """Where a kernel writes a value: output memref `output` of type `type`, whole (window
+    None) or the window (offsets, sizes) of it."""
+
+    output: str
+    type: TensorType
+    window: tuple[Sequence[Size], Sequence[Size]] | None
+
+
+EnvValue = Lazy | Scalar | Joined  # tensors are Lazy (a plain tensor is a Lazy read of it) or Joined
 
 BLOCK_ELEMENTS = 1024  # per row value and block: 4 KiB of f32, so a block's passes hit L1 (measured best)
 
@@ -252,38 +267,54 @@ class _KernelEmitter:
         return names
 
     def _write_outputs(self, outputs: list[str]) -> None:
-        """Compute every result into its output memref (the current block's rows of it);
-        results with one iteration space share one loop nest."""
-        groups: dict[tuple, list[tuple[int, Lazy]]] = {}
+        """Compute every result into its output memref (the current block's rows of it), a
+        concatenation piece by piece into its slices; values with one iteration space share
+        one loop nest (a rotary's two halves, a piece also yielded on its own)."""
+        groups: dict[tuple, list[tuple[Lazy, _Write]]] = {}
         for index, value in enumerate(self.unit.results):
-            lazy = self._lazy(self.env[id(value)])
-            groups.setdefault((lazy.shape, lazy.sizes), []).append((index, lazy))
-        computed: dict[int, Tensor] = {}
+            env = self.env[id(value)]
+            if isinstance(env, Joined):
+                if self.block is not None:
+                    raise UnsupportedError("a concatenation in a kernel computed in row blocks")
+                writes = [(piece, _Write(outputs[index], value.type, (offsets, sizes)))
+                          for piece, offsets, sizes in self._windows(env)]
+            else:
+                writes = [(self._lazy(env), _Write(outputs[index], value.type, None))]
+            for lazy, write in writes:
+                groups.setdefault((lazy.shape, lazy.sizes), []).append((lazy, write))
         for members in groups.values():
-            elements = [storage_type(self.unit.results[i].type.dtype) for i, _ in members]
-            tensors = self._materialize([lazy for _, lazy in members], elements, reuse=False)
-            computed.update({i: t for (i, _), t in zip(members, tensors)})
-        for index, value in enumerate(self.unit.results):
-            tensor = computed[index]
-            destination, memref = self._destination(outputs[index], value.type, tensor)
-            self.w.line(f"bufferization.materialize_in_destination {tensor.ssa} in restrict writable {destination} : "
-                        f"({tensor_type(tensor.shape, tensor.element)}, {memref}) -> ()")
+            elements = [storage_type(write.type.dtype) for _, write in members]
+            tensors = self._materialize([lazy for lazy, _ in members], elements, reuse=False)
+            for (_, write), tensor in zip(members, tensors):
+                self._store(tensor, *self._destination(write, tensor))
 
-    def _destination(self, output: str, t: TensorType, tensor: Tensor) -> tuple[str, str]:
-        """Where a result goes: its output memref, or in row blocks that memref's block rows."""
+    def _destination(self, write: _Write, tensor: Tensor) -> tuple[str, str]:
+        """Where a computed value goes (SSA name, memref type): its window of the output, in
+        row blocks the block's rows, else the whole output."""
+        window = write.window
+        if window is None and self.block is not None:
+            first, count = self.block
+            window = ([first] + [0] * (write.type.rank - 1), (count, *tensor.sizes[1:]))
+        if window is None:
+            return write.output, memref_type(write.type.shape, storage_type(write.type.dtype))
+        return self._subview(write.output, write.type, *window)
+
+    def _store(self, tensor: Tensor, destination: str, memref: str) -> None:
+        self.w.line(f"bufferization.materialize_in_destination {tensor.ssa} in restrict writable {destination} : "
+                    f"({tensor_type(tensor.shape, tensor.element)}, {memref}) -> ()")
+
+    def _subview(self, output: str, t: TensorType, offsets: Sequence[Size], sizes: Sequence[Size]) -> tuple[str, str]:
+        """A window of an output memref of type `t`: its SSA name and memref type."""
         element = storage_type(t.dtype)
         memref = memref_type(t.shape, element)
-        if self.block is None:
-            return output, memref
-        first, count = self.block
         strides = [math.prod(t.shape[k + 1:]) if None not in t.shape[k + 1:] else None for k in range(t.rank)]
         layout = ", ".join("?" if s is None else str(s) for s in strides)
-        view = f"memref<{''.join('?x' if d is None else f'{d}x' for d in tensor.shape)}{element}, " \
-               f"strided<[{layout}], offset: ?>>"
-        offsets = ", ".join([first] + ["0"] * (t.rank - 1))
-        sizes = ", ".join(map(str, (count, *tensor.sizes[1:])))
-        ssa = self.w.emit(f"memref.subview {output}[{offsets}] [{sizes}] [{', '.join(['1'] * t.rank)}] : "
-                          f"{memref} to {view}")
+        static = all(isinstance(o, int) and (o == 0 or s is not None) for o, s in zip(offsets, strides))
+        offset = sum(o * s for o, s in zip(offsets, strides) if o) if static else "?"
+        shape = "".join(f"{size}x" if isinstance(size, int) else "?x" for size in sizes)
+        view = f"memref<{shape}{element}, strided<[{layout}], offset: {offset}>>"
+        ssa = self.w.emit(f"memref.subview {output}[{_comma_list(offsets)}] [{_comma_list(sizes)}] "
+                          f"[{_comma_list([1] * t.rank)}] : {memref} to {view}")
         return ssa, view
 
     # ------------------------------------------------------------------ op dispatch
@@ -295,13 +326,22 @@ class _KernelEmitter:
     def _lower_values(self, op: Operation) -> list[EnvValue]:
         if op.name in REDUCTIONS | ARG_REDUCTIONS | SOFTMAX:
             self._share_expensive_operand(op.operands[0])
-        operands = [self.env[id(v)] for v in op.operands]
+        operands = [self._read(v) for v in op.operands]
         if has_trait(op, ELEMENTWISE):
             return [self._elementwise(op, operands)]
         handler = _HANDLERS.get(op.name)
         if handler is None:
             raise UnsupportedError("no cpu lowering for this op (it runs through the reference fallback)")
         return [handler(self, op, operands)]
+
+    def _read(self, value: Value) -> EnvValue:
+        """`value` as an operand: a concatenation read by another op is computed into a
+        (kernel-local) tensor first, once, then read like any tensor."""
+        env = self.env[id(value)]
+        if isinstance(env, Joined):
+            env = leaf(self._join(env, compute_type(env.dtype)), env.dtype)
+            self.env[id(value)] = env
+        return env
 
     def _share_expensive_operand(self, value: Value) -> None:
         """A reduction walks its operand in a loop of its own; when other ops read the same
@@ -512,6 +552,54 @@ class _KernelEmitter:
             return self.w.emit(f"arith.maxsi {shifted}, {self.w.index(0)} : index")
         return self.w.emit(f"arith.minsi {size}, {self.w.index(index)} : index")
 
+    # ------------------------------------------------------------------ concatenation
+    def _concat(self, op: Operation, operands: list[EnvValue]) -> Joined:
+        result = self._result_type(op)
+        pieces = tuple(self._lazy(v) for v in operands)
+        dim = op.attributes["dim"] % result.rank
+        sizes: list[Size] = [d if d is not None else pieces[0].sizes[k] for k, d in enumerate(result.shape)]
+        if result.shape[dim] is None:
+            sizes[dim] = self._sum_sizes([piece.sizes[dim] for piece in pieces])
+        return Joined(pieces, dim, result.shape, tuple(sizes), result.dtype)
+
+    def _join(self, value: Joined, element: str) -> Tensor:
+        """`value` computed into a new (kernel-local) tensor of `element`: each piece by a
+        loop nest of its own, writing its slice of the tensor."""
+        joined = self._empty(value.shape, value.sizes, element)
+        whole = tensor_type(value.shape, element)
+        for piece, offsets, sizes in self._windows(value):
+            window = f"[{_comma_list(offsets)}] [{_comma_list(sizes)}] [{_comma_list([1] * len(sizes))}]"
+            shape = tuple(size if isinstance(size, int) else None for size in sizes)
+            # The loop writes into the slice itself: a loop into a new tensor could be merged (cse)
+            # with one computing the same piece as a result, which would then be copied.
+            slot = self.w.emit(f"tensor.extract_slice {joined.ssa}{window} : {whole} to {tensor_type(shape, element)}")
+            computed = self._compute_into([piece], [Tensor(slot, shape, element, sizes)])[0]
+            ssa = self.w.emit(f"tensor.insert_slice {computed.ssa} into {joined.ssa}{window} : "
+                              f"{tensor_type(shape, element)} into {whole}")
+            joined = Tensor(ssa, value.shape, element, value.sizes)
+        return joined
+
+    def _windows(self, value: Joined) -> list[tuple[Lazy, list[Size], tuple[Size, ...]]]:
+        """Each piece of a concatenation with the offsets and sizes of its slice of the result."""
+        windows = []
+        offsets: list[Size] = [0] * len(value.shape)
+        for piece in value.pieces:
+            sizes = tuple(piece.sizes[k] if k == value.dim else size for k, size in enumerate(value.sizes))
+            windows.append((piece, list(offsets), sizes))
+            offsets[value.dim] = self._sum_sizes([offsets[value.dim], sizes[value.dim]])
+        return windows
+
+    def _sum_sizes(self, sizes: Sequence[Size]) -> Size:
+        """The sum of sizes: an int when all are static, else an `index` SSA value."""
+        dynamic = [size for size in sizes if not isinstance(size, int)]
+        static = sum(size for size in sizes if isinstance(size, int))
+        if not dynamic:
+            return static
+        total = dynamic[0] if static == 0 else self.w.emit(f"arith.addi {dynamic[0]}, {self.w.index(static)} : index")
+        for size in dynamic[1:]:
+            total = self.w.emit(f"arith.addi {total}, {size} : index")
+        return total
+
     # ------------------------------------------------------------------ reductions
     def _reduction(self, op: Operation, operands: list[EnvValue]) -> Lazy:
         value = self._lazy(operands[0])
@@ -681,17 +769,20 @@ class _KernelEmitter:
         reuse: a value that only reads a tensor is that tensor (no loop).  Outputs pass False:
         their loop writes the output buffer in place, where copying a strided view into it
         would need MLIR's C runner library (`memrefCopy`), which the wheel does not ship."""
-        values = [_without_rounding_to(value, element) for value, element in zip(values, elements)]
         if reuse and len(values) == 1 and (read := as_tensor_read(values[0])) is not None \
                 and read.element == elements[0]:
             return [read]
         shape, sizes = values[0].shape, values[0].sizes
-        inits = [self._empty(shape, sizes, element) for element in elements]
+        return self._compute_into(values, [self._empty(shape, sizes, element) for element in elements])
+
+    def _compute_into(self, values: list[Lazy], inits: list[Tensor]) -> list[Tensor]:
+        """Compute `values` (one iteration space) into `inits` (tensors of that shape), in one loop nest."""
+        values = [_without_rounding_to(value, init.element) for value, init in zip(values, inits)]
 
         def body(xs: list[str], accs: list[str]) -> list[str]:
-            return [self._store_cast(x, compute_type(v.dtype), e) for x, v, e in zip(xs, values, elements)]
+            return [self._store_cast(x, compute_type(v.dtype), t.element) for x, v, t in zip(xs, values, inits)]
 
-        return self._generic(values, shape, (), inits, body)
+        return self._generic(values, values[0].shape, (), inits, body)
 
     def _generic(self, values: list[Lazy], shape: tuple[int | None, ...], reduced: tuple[int, ...],
                  inits: list[Tensor], body: Callable[[list[str], list[str]], list[str]],
@@ -774,7 +865,7 @@ _HANDLERS: dict[str, Callable[[_KernelEmitter, Operation, list[EnvValue]], EnvVa
     "ft.constant": _KernelEmitter._constant, "ft.full": _KernelEmitter._full, "ft.iota": _KernelEmitter._iota,
     "ft.dim": _KernelEmitter._dim, "ft.transpose": _KernelEmitter._transpose,
     "ft.broadcast_to": _KernelEmitter._broadcast_to, "ft.reshape": _KernelEmitter._reshape,
-    "ft.slice": _KernelEmitter._slice,
+    "ft.slice": _KernelEmitter._slice, "ft.concat": _KernelEmitter._concat,
     **{name: _KernelEmitter._reduction for name in REDUCTIONS},
     **{name: _KernelEmitter._arg_reduction for name in ARG_REDUCTIONS},
     **{name: _KernelEmitter._softmax for name in SOFTMAX},
@@ -795,6 +886,10 @@ def _broadcast_sizes(shape: tuple[int | None, ...], operands: list[Lazy]) -> tup
                       if v.rank >= from_right and v.shape[v.rank - from_right] is None)
         sizes.append(source)
     return tuple(sizes)
+
+
+def _comma_list(items: Sequence[object]) -> str:
+    return ", ".join(map(str, items))
 
 
 def _unit_dim_mapping(source: tuple[int | None, ...], target: tuple[int | None, ...]) -> Map | None:

@@ -7,7 +7,9 @@ reduction, an output, a reshape that is not a view); that loop nest evaluates th
 DAG in one linalg.generic body.  So an elementwise group becomes one loop with every
 intermediate in registers, and a multi-use value costs no temporary buffer, whatever
 MLIR's own elementwise-fusion heuristics would do.  An f16/bf16 op's result is a `Rounded`
-node over its f32 computation, so the DAG holds the values eager torch would.
+node over its f32 computation, so the DAG holds the values eager torch would.  A
+concatenation is `Joined`: its pieces stay lazy until the kernel writes each into its slice
+of the result.
 """
 
 from __future__ import annotations
@@ -101,6 +103,20 @@ class Lazy:
     @property
     def rank(self) -> int:
         return len(self.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Joined:
+    """A concatenation not yet computed: `pieces` joined along `dim` into `shape`.  Each
+    piece is computed by a loop nest of its own into its slice of the result; one loop over
+    the whole result, selecting a piece per point, would read every piece's inputs out of
+    their bounds."""
+
+    pieces: tuple[Lazy, ...]
+    dim: int
+    shape: tuple[int | None, ...]
+    sizes: tuple[Size, ...]
+    dtype: ScalarType
 
 
 def identity(rank: int) -> Map:
