@@ -3,7 +3,9 @@ of the op's reference (flagtree/ir/ops/attention.py), on fresh random inputs.
 
 Hypothesis draws the kernel's specialisation (dtype, causal kind, window, mask kind and
 layout, sinks, static or `?` shapes) and the run-time problem (batch, GQA/MQA head counts,
-lengths such as 2^k+17 and 1, unequal qk/v head dims, fully masked rows, large logits).  A
+lengths such as 2^k+17 and 1, unequal qk/v head dims, fully masked rows, large logits, and
+each input's memory layout: contiguous, a permuted or sliced view the kernel reads in place,
+or a view with a non-unit innermost stride, which the wrapper copies).  A
 kernel passes when its relative L2 error against fp64 is within DESIGN.md's tolerance for the
 dtype, or within twice eager torch's own error on the same inputs, or within eight f32 ulps of
 the largest logit (large logits are ill-conditioned in any f32 evaluation), has no NaN, and
@@ -24,7 +26,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("torch_mlir")
 
-from flagtree.backends.cpu import CpuBackend, compiler, jit
+from flagtree.backends.cpu import CpuBackend, attention, compiler, jit
 from flagtree.backends.cpu import kernel as kernel_module
 from flagtree.backends.cpu.kernel import CpuKernel, KernelCallError
 from flagtree.ir import Builder, Module, Operation, new_function, verify
@@ -40,6 +42,9 @@ LENGTHS = (1, 5, 17, 33, 81)  # 81 = 2^6 + 17
 HEADS = ((1, 1), (2, 2), (4, 2), (8, 2), (4, 1))  # (query heads, KV heads): groups 1, 2, 4 and MQA
 HEAD_DIMS = ((16, 16), (8, 24), (5, 3), (64, 64))  # (qk, v)
 MASK_LAYOUTS = ((1, 1, None, None), (None, 1, 1, None), (None, None, None, None))  # None: full size (or 1 if `?`)
+# How an input lies in memory: contiguous; [B, S, H, D] storage viewed as [B, H, S, D] (what the
+# plan passes after a projection); every other row of a wider buffer; innermost stride ≠ 1 (copied).
+MEMORY_LAYOUTS = ("contiguous", "permuted", "sliced", "innermost_strided")
 SCALE = 0.3
 
 
@@ -95,6 +100,7 @@ class Problem:
     head_dims: tuple[int, int] = (16, 16)
     logit_scale: float = 1.0
     with_lse: bool = False  # also return each row's log-sum-exp (training)
+    memory: tuple[str, ...] = ("contiguous",) * 5  # each input's MEMORY_LAYOUTS entry (q, k, v, then mask/sinks)
     seed: int = 0
 
     @property
@@ -143,7 +149,7 @@ class Problem:
             sinks = torch.randn(shapes[-1], generator=generator) * 2
             sinks[torch.rand(shapes[-1], generator=generator) < 0.3] = -math.inf  # a sink that adds nothing
             inputs.append(sinks)
-        return inputs
+        return [lay_out(x, memory) for x, memory in zip(inputs, self.memory)]
 
     def _mask(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Random keep/drop with whole rows hidden now and then (rows that see no key)."""
@@ -165,6 +171,21 @@ class Problem:
         if self.sinks:
             nothing &= (inputs[-1] == -math.inf).view(1, hq, 1)
         return nothing
+
+
+def lay_out(x: torch.Tensor, memory: str) -> torch.Tensor:
+    """x's values in the memory layout `memory` (MEMORY_LAYOUTS)."""
+    if memory == "permuted" and x.dim() == 4:
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if memory == "sliced":  # every other row of a wider buffer of NaN (a read outside the view shows)
+        fill = math.nan if x.is_floating_point() else True
+        if x.dim() == 1:
+            return torch.full((2 * x.shape[0],), fill, dtype=x.dtype)[::2].copy_(x)
+        wider = torch.full((*x.shape[:-2], 2 * x.shape[-2], x.shape[-1] + 3), fill, dtype=x.dtype)
+        return wider[..., ::2, 3:].copy_(x)
+    if memory == "innermost_strided":
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() > 1 else x.repeat_interleave(2)[::2]
+    return x
 
 
 def fp64(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -235,6 +256,7 @@ def problems(draw: st.DrawFn) -> Problem:
         head_dims=draw(st.sampled_from(HEAD_DIMS)),
         logit_scale=draw(st.sampled_from([1.0, 1.0, 30.0])),
         with_lse=draw(st.booleans()),
+        memory=tuple(draw(st.sampled_from(MEMORY_LAYOUTS)) for _ in range(5)),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -275,9 +297,64 @@ def test_empty_query_and_key_dims():
 
 
 def test_a_problem_split_across_cores_matches_the_reference(monkeypatch: pytest.MonkeyPatch):
-    # 4 heads × 3 blocks of rows, and enough elements (at a lowered threshold) that each core computes a range.
-    monkeypatch.setattr(kernel_module, "PARALLEL_MIN_ELEMENTS", 1 << 12)
-    check(Problem(heads=(4, 4), queries=145, keys=145, head_dims=(64, 64), causal="lower_right", window=100))
+    # 4 heads × 3 blocks of rows, and enough flops (at a lowered threshold) that each core computes a range.
+    monkeypatch.setattr(attention, "PARALLEL_MIN_FLOPS", 1 << 12)
+    check(Problem(heads=(4, 4), queries=145, keys=145, head_dims=(64, 64), causal="lower_right", window=100,
+                  memory=("permuted", "sliced", "permuted", "contiguous", "contiguous")))
+
+
+def test_work_is_split_across_cores_by_flops_not_by_elements():
+    """Many short sequences hold many elements but few flops; a few long ones the opposite."""
+    op = attention_op(attention_module(("tensor<?x?x?x?xf32>",) * 3, tuple(Problem().attributes().items())))
+    enough = attention.worth_splitting(op)
+    for (batch, length, dim), split in (((256, 4, 64), False), ((1, 1024, 16), True)):
+        args = [torch.empty(batch, 4, length, dim, device="meta") for _ in range(3)]
+        flops = 2 * batch * 4 * length * length * (dim + dim)
+        assert (flops >= attention.PARALLEL_MIN_FLOPS) == split
+        assert (4 * args[0].numel() >= kernel_module.PARALLEL_MIN_ELEMENTS) != split
+        assert enough(args, []) == split
+
+
+@given(queries=st.integers(0, 70), keys=st.integers(0, 70), causal=st.sampled_from(CAUSAL_KINDS),
+       window=st.sampled_from([0, 1, 4, 16]))
+def test_visible_pairs_counts_the_visible_keys(queries: int, keys: int, causal: str, window: int):
+    window = window if causal != "none" else 0
+    assert attention.visible_pairs(queries, keys, causal, window) == visible_keys(queries, keys, causal, window).sum()
+
+
+def test_layouts_of_the_same_values_give_the_same_bits():
+    """The kernel reads views in place (or copies those with a non-unit innermost stride): every
+    layout of the same values computes the same output, bit for bit, in calls that alternate."""
+    problem = Problem(dtype="bf16", heads=(4, 2), queries=33, keys=33, causal="lower_right", mask_kind="float",
+                      mask_layout=(None,) * 4, mask_sizes=(None,) * 4, sinks=True)
+    kernel = problem.kernel()
+    (expected,) = kernel(*problem.inputs())
+    for memory in (*MEMORY_LAYOUTS, "contiguous", "permuted"):
+        (got,) = kernel(*Problem(**{**problem.__dict__, "memory": (memory,) * 5}).inputs())
+        assert torch.equal(got, expected), memory
+
+
+def test_the_output_is_laid_out_so_the_usual_permute_and_reshape_are_views():
+    problem = Problem(batch=2, heads=(4, 2), queries=17, keys=33, head_dims=(8, 24), with_lse=True)
+    kernel = problem.kernel()
+    out, lse = kernel(*problem.inputs())
+    batch, heads, queries, dim = out.shape
+    merged = out.transpose(1, 2).reshape(batch, queries, heads * dim)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None  # a view, not a copy
+    assert lse.is_contiguous()
+
+
+def test_launch_takes_outputs_laid_out_as_the_kernel_writes_them():
+    problem = Problem(heads=(4, 2), queries=17, keys=17)
+    kernel = problem.kernel()
+    inputs = problem.inputs()
+    (expected,) = kernel(*inputs)
+    (shape,) = kernel.output_shapes(inputs)
+    out = torch.empty(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)
+    kernel.launch(inputs, [out])
+    assert torch.equal(out, expected)
+    with pytest.raises(KernelCallError, match=r"output #0 must be a torch\.float32 tensor of shape"):
+        kernel.launch(inputs, [torch.empty(shape)])
 
 
 # ---------------------------------------------------------------------- the backend

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from flagtree.backends.cpu import gather_matmul, jit
-from flagtree.backends.cpu.attention import emit_attention, work_items
+from flagtree.backends.cpu import attention, gather_matmul, jit
 from flagtree.backends.cpu.emitter import EmittedKernel, KernelUnit, emit_kernel, module_text
 from flagtree.backends.cpu.kernel import CpuKernel
 from flagtree.backends.cpu.mlir_text import UnsupportedError
@@ -44,7 +43,7 @@ def tensor_level_mlir(op: Operation) -> str:
 
 def _emitted(op: Operation, name: str) -> EmittedKernel:
     if op.name == "ft.attention":
-        return emit_attention(op, name)
+        return attention.emit_attention(op, name)
     if op.name == "ft.gather_matmul":
         return gather_matmul.emit_gather_matmul(op, name)
     unit = kernel_unit(op, name)
@@ -68,7 +67,8 @@ def kernel_from_llvm(op: Operation, llvm_text: str, label: str = "") -> CpuKerne
     unit = kernel_unit(op)
     entry, label = jit.entry_point(engine, KERNEL_SYMBOL), label or kernel_label(op)
     if op.name == "ft.attention":
-        return CpuKernel(unit, entry, engine, label, None, work_items(op))
+        return CpuKernel(unit, entry, engine, label, None, attention.work_items(op), attention.strides(op),
+                         attention.worth_splitting(op))
     if op.name == "ft.gather_matmul":
         return CpuKernel(unit, entry, engine, label, None, gather_matmul.work_items)
     return CpuKernel(unit, entry, engine, label, row_values(unit))

@@ -1,7 +1,9 @@
 """A compiled cpu kernel as a Python callable over torch tensors.
 
 Arguments cross into the JIT-compiled code as MLIR memref descriptors (allocated pointer,
-aligned pointer, offset, sizes, strides: int64 words) through the packed C interface.
+aligned pointer, offset, sizes, strides: int64 words) through the packed C interface.  Tensors
+cross contiguous, except where a kernel declares its Strides: inputs it reads with their own
+strides (views cost no copy) and outputs it writes in another memory order.
 Output shapes come from the unit's FTIR ops run on meta tensors, once per input-shape
 signature; that run also checks the one assumption the generated code makes about
 dynamic dims (a `?` dim is never broadcast, see emitter.py), so a call that would read out
@@ -18,7 +20,7 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,15 +41,20 @@ class KernelCallError(FlagtreeError):
 class CpuKernel:
     """Call with the unit's inputs (tensors; Python numbers for scalar inputs); returns its outputs.
 
-    `launch(args, outputs)` writes into caller-allocated contiguous outputs instead.  Calls
-    from several threads may run at once (each thread packs arguments in its own buffer)."""
+    `launch(args, outputs)` writes into caller-allocated outputs instead (contiguous, or laid
+    out as the kernel's Strides say).  Calls from several threads may run at once (each thread
+    packs arguments in its own buffer)."""
 
     def __init__(self, unit: KernelUnit, entry: Any, engine: Any, label: str, rows: frozenset[int] | None,
-                 work_items: WorkItems | None = None):
+                 work_items: WorkItems | None = None, strides: Strides | None = None,
+                 worth_splitting: WorthSplitting | None = None):
         """rows: the unit's row values when the kernel was generated in row blocks
         (emitter.emit_kernel); it then takes the row range to compute after the outputs.
         work_items: for a kernel split into independent items of its own (attention: one per
-        head and block of queries), their count for a call; it takes the item range instead."""
+        head and block of queries), their count for a call; it takes the item range instead.
+        strides: the tensors the kernel takes with other strides than contiguous ones.
+        worth_splitting: whether a call has work enough to split its items across cores (by
+        default: PARALLEL_MIN_ELEMENTS elements in its operands)."""
         self.unit = unit
         self.label = label  # names the kernel in errors and launch plans
         self._entry = entry
@@ -59,27 +66,34 @@ class CpuKernel:
         self._result_dtypes = [t.dtype.torch_dtype for t in self._result_types]
         row_range = [I64] * 2 if self._work_items else []
         self._layout = _ArgumentLayout([*self._arg_types, *self._result_types, *row_range])
+        self._strides = strides or Strides()
+        self._worth_splitting = worth_splitting or _many_elements
+        self._strided_inputs = tuple(i in self._strides.inputs for i in range(len(self._arg_types)))
         self._launches: dict[tuple, _Launch] = {}
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
-        args = self._contiguous(args)
-        launch = self._launch_for(args)
-        outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(launch.shapes, self._result_dtypes)]
+        args, launch = self._prepared(args)
+        outputs = [torch.empty(shape, dtype=dtype) if strides is None else
+                   torch.empty_strided(shape, strides, dtype=dtype)
+                   for shape, strides, dtype in zip(launch.shapes, launch.output_strides, self._result_dtypes)]
         self._run(launch, [*args, *outputs])
         return outputs
 
     def launch(self, args: Sequence[Any], outputs: Sequence[torch.Tensor]) -> None:
-        args = self._contiguous(args)
-        launch = self._launch_for(args)
-        for i, (out, shape, dtype) in enumerate(zip(outputs, launch.shapes, self._result_dtypes)):
-            if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
-                raise KernelCallError(f"kernel {self.label}: output #{i} must be a contiguous {dtype} tensor of "
-                                      f"shape {list(shape)}, got {out.dtype} {list(out.shape)}")
+        args, launch = self._prepared(args)
+        for i, (out, shape, strides, dtype) in enumerate(zip(outputs, launch.shapes, launch.output_strides,
+                                                              self._result_dtypes)):
+            laid_out = out.is_contiguous() if strides is None else _laid_out(out, strides)
+            if tuple(out.shape) != shape or out.dtype != dtype or not laid_out:
+                layout = "contiguous" if strides is None else f"strides {strides}"
+                raise KernelCallError(f"kernel {self.label}: output #{i} must be a {dtype} tensor of shape "
+                                      f"{list(shape)} ({layout}), got {out.dtype} {list(out.shape)} "
+                                      f"(strides {list(out.stride())})")
         self._run(launch, [*args, *outputs])
 
     def output_shapes(self, args: Sequence[Any]) -> list[tuple[int, ...]]:
         """The outputs' shapes for these inputs."""
-        return self._launch_for(self._contiguous(args)).shapes
+        return self._prepared(args)[1].shapes
 
     def _run(self, launch: _Launch, values: list[Any]) -> None:
         """Call the kernel: once, or (row blocks with enough work) once per core on its rows."""
@@ -92,36 +106,66 @@ class CpuKernel:
         for other in pending:
             other.result()
 
-    def _launch_for(self, args: Sequence[Any]) -> _Launch:
+    def _prepared(self, args: Sequence[Any]) -> tuple[list[Any], _Launch]:
+        """The arguments as the kernel reads them, and how to call it on them.  Tensors it cannot
+        read are copied: non-contiguous ones, or for inputs it takes strided, those whose innermost
+        stride is not 1.  A kernel with strided inputs keys its launches by the inputs' strides too
+        (the launch says which to copy), so a call costs one pass over its arguments."""
+        if len(args) != len(self._arg_types):
+            raise KernelCallError(f"kernel {self.label} takes {len(self._arg_types)} arguments, got {len(args)}")
+        if not self._strides.inputs:
+            args = [a.contiguous() if isinstance(a, torch.Tensor) and not a.is_contiguous() else a for a in args]
+            return args, self._launch_for(args, tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a
+                                                      for a in args))
+        signature = tuple((a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
+        launch = self._launches.get(signature)
+        copies = launch.copies if launch is not None else self._copies(args)
+        if copies:
+            args = [a.contiguous() if copy else a for a, copy in zip(args, copies)]
+        return args, launch or self._launch_for(args, signature, copies)
+
+    def _copies(self, args: Sequence[Any]) -> tuple[bool, ...]:
+        """Which arguments of a kernel with strided inputs must be copied (see _prepared); () for none."""
+        copies = tuple(isinstance(a, torch.Tensor) and not (_unit_innermost(a) if strided else a.is_contiguous())
+                       for a, strided in zip(args, self._strided_inputs))
+        return copies if any(copies) else ()
+
+    def _launch_for(self, args: Sequence[Any], signature: tuple, copies: tuple[bool, ...] = ()) -> _Launch:
         """How to call the kernel on these inputs; the first call with an input signature
-        (shapes, dtypes, scalar values) checks the arguments and infers the output shapes."""
-        signature = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        (shapes, dtypes, scalar values, strides of strided inputs) checks the arguments and infers
+        the output shapes."""
         launch = self._launches.get(signature)
         if launch is None:
             self._check(args)
             shapes = self._infer_shapes(args)
             row_ranges = self._row_ranges(args, shapes)
-            sizes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in [*args, *shapes]]
-            words = [self._layout.pack([*sizes, *rows]) for rows in row_ranges or [()]]
-            launch = self._launches[signature] = _Launch(shapes, words)
+            output_strides = [_ordered_strides(shape, self._strides.output_orders.get(i))
+                              for i, shape in enumerate(shapes)]
+            layouts = [self._input_layout(a, strided) for a, strided in zip(args, self._strided_inputs)]
+            layouts += [(shape, strides or _contiguous_strides(shape))
+                        for shape, strides in zip(shapes, output_strides)]
+            words = [self._layout.pack([*layouts, *rows]) for rows in row_ranges or [()]]
+            launch = self._launches[signature] = _Launch(shapes, output_strides, words, copies)
         return launch
+
+    @staticmethod
+    def _input_layout(arg: Any, strided: bool) -> Any:
+        """An input as pack takes it: a tensor's sizes and strides, a scalar's value."""
+        if not isinstance(arg, torch.Tensor):
+            return arg
+        shape = tuple(arg.shape)
+        return shape, _normal_strides(arg) if strided else _contiguous_strides(shape)
 
     def _row_ranges(self, args: Sequence[Any], shapes: list[tuple[int, ...]]) -> list[tuple[int, int]] | None:
         """The row (or work item) range of each core's call, or None (a plain kernel)."""
         if self._work_items is None:
             return None
         items = self._work_items(args, shapes)
-        work = sum(a.numel() for a in args if isinstance(a, torch.Tensor)) + sum(math.prod(s) for s in shapes)
-        parts = max(min(items, host_cpu().cores), 1) if work >= PARALLEL_MIN_ELEMENTS else 1
+        parts = max(min(items, host_cpu().cores), 1) if self._worth_splitting(args, shapes) else 1
         bounds = [items * i // parts for i in range(parts + 1)]
         return list(itertools.pairwise(bounds))
 
     # ------------------------------------------------------------------ arguments
-    def _contiguous(self, args: Sequence[Any]) -> list[Any]:
-        if len(args) != len(self._arg_types):
-            raise KernelCallError(f"kernel {self.label} takes {len(self._arg_types)} arguments, got {len(args)}")
-        return [a.contiguous() if isinstance(a, torch.Tensor) and not a.is_contiguous() else a for a in args]
-
     def _check(self, args: Sequence[Any]) -> None:
         for i, (arg, t) in enumerate(zip(args, self._arg_types)):
             if not isinstance(t, TensorType):
@@ -168,9 +212,33 @@ class CpuKernel:
 WorkItems = Callable[[Sequence[Any], list[tuple[int, ...]]], int]
 
 
+@dataclass(frozen=True)
+class Strides:
+    """The tensors a kernel takes with other strides than contiguous ones.
+
+    inputs: positions of inputs read with their own strides (their memref types are
+    `strided<[?, ..., ?, 1]>`: a view from the plan crosses without a copy; one whose innermost
+    stride is not 1 is copied).  output_orders: output position → the order its dims are laid out
+    in memory, outermost first (attention writes [B, H, S, D] as [B, S, H, D], so the usual
+    permute and reshape after it are views); their memrefs are strided the same way."""
+
+    inputs: frozenset[int] = frozenset()
+    output_orders: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+# Whether a call's work is worth splitting across cores, from its arguments and output shapes.
+WorthSplitting = Callable[[Sequence[Any], list[tuple[int, ...]]], bool]
+
+
 def _leading_rows(args: Sequence[Any], shapes: list[tuple[int, ...]]) -> int:
     """A row-block kernel's items: the rows of its outputs."""
     return shapes[0][0]
+
+
+def _many_elements(args: Sequence[Any], shapes: list[tuple[int, ...]]) -> bool:
+    """Whether the operands hold PARALLEL_MIN_ELEMENTS elements (work about linear in them)."""
+    elements = sum(a.numel() for a in args if isinstance(a, torch.Tensor)) + sum(math.prod(s) for s in shapes)
+    return elements >= PARALLEL_MIN_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -180,7 +248,9 @@ class _Launch:
     each with its range of rows."""
 
     shapes: list[tuple[int, ...]]
+    output_strides: list[list[int] | None]  # None: contiguous (allocated with torch.empty)
     words: list[Any]
+    copies: tuple[bool, ...]  # which arguments a kernel with strided inputs copies, () for none (CpuKernel._prepared)
 
 
 class _ArgumentLayout:
@@ -213,17 +283,18 @@ class _ArgumentLayout:
 
     def pack(self, values: Sequence[Any]) -> Any:
         """The argument words of one launch, data pointers left 0: a tensor's descriptor from its
-        shape (given instead of the tensor; contiguous strides), a scalar's word from its value."""
+        (sizes, strides) given instead of the tensor, a scalar's word from its value."""
         words = (ctypes.c_int64 * self.descriptor_words)()
         for start, kind, value in zip(self.starts, self.kinds, values):
             if kind == "tensor":
-                words[start + 3:start + 3 + 2 * len(value)] = (*value, *_contiguous_strides(value))
+                sizes, strides = value
+                words[start + 3:start + 3 + 2 * len(sizes)] = (*sizes, *strides)
             else:
                 words[start] = _scalar_word(value, kind)
         return words
 
     def call(self, entry: Any, words: Any, values: Sequence[Any]) -> None:
-        """Call `entry` on `values` (the contiguous tensors the words were packed for; their scalars
+        """Call `entry` on `values` (the tensors the words were packed for; their scalars
         are in the words already)."""
         buffer, pointers = self._buffers()
         ctypes.memmove(buffer, words, 8 * self.descriptor_words)
@@ -309,6 +380,36 @@ def _contiguous_strides(shape: Sequence[int]) -> list[int]:
         strides.append(step)
         step *= max(size, 1)
     return strides[::-1]
+
+
+def _ordered_strides(shape: Sequence[int], order: tuple[int, ...] | None) -> list[int] | None:
+    """The strides of a tensor of `shape` whose dims are laid out in `order` (None: contiguous)."""
+    if order is None:
+        return None
+    strides = [0] * len(shape)
+    for dim, stride in zip(order, _contiguous_strides([shape[d] for d in order])):
+        strides[dim] = stride
+    return strides
+
+
+def _laid_out(tensor: torch.Tensor, strides: Sequence[int]) -> bool:
+    """Whether `tensor` has these strides (in every dim of more than one element)."""
+    return all(size <= 1 or a == b for a, b, size in zip(tensor.stride(), strides, tensor.shape))
+
+
+def _unit_innermost(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 0 or tensor.stride(-1) == 1 or tensor.shape[-1] <= 1
+
+
+def _normal_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """A tensor's strides as a strided memref of it reads them: those of size-1 dims (which only
+    ever multiply index 0, and which torch sets freely) as contiguous strides give them, the
+    innermost 1."""
+    contiguous = _contiguous_strides(tensor.shape)
+    strides = [c if size <= 1 else s for s, c, size in zip(tensor.stride(), contiguous, tensor.shape)]
+    if strides:
+        strides[-1] = 1
+    return tuple(strides)
 
 
 def _scalar_word(value: Any, kind: str) -> int:
