@@ -108,9 +108,9 @@ def compile_aten_graph(
         if dump and isinstance(getattr(executable, "source", None), str):
             dump.write("plan.py", executable.source)
     report = _report(graph, backend.name, module, pipeline, pass_times, imported.fallback_reasons, dump)
-    # ft.torch_calls are already in report.fallbacks (the plan names them aten::op, reports aten.op)
+    # ft.torch_calls are already in report.fallbacks, under the same names
     report.kernel_fallbacks = {op: n for op, n in getattr(executable, "fallback_ops", {}).items()
-                               if op.replace("::", ".") not in report.fallbacks}
+                               if op not in report.fallbacks}
     if cuda_graphs is not None:
         executable, note = with_cuda_graphs(executable, graph, backend, example_inputs, imported.arg_indices,
                                             cuda_graphs)
