@@ -21,3 +21,11 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Kernels the tests compile go to a cache of this run, never to the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path_factory.mktemp("flagtree-cache")))
+        yield

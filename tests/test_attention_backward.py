@@ -36,11 +36,6 @@ from tests.test_attention_kernel import HOPPER
 from tests.triton_sm90 import CompileForSm90
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def backend() -> InterpretBackend:
     return InterpretBackend()

@@ -52,11 +52,6 @@ HOPPER = Capabilities(target="cuda:sm_90", dtypes=frozenset({"f32", "f16", "bf16
                       max_threads_per_block=1024, extra=(("l2_bytes", 50 * 2**20), ("multiprocessors", 132)))
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def backend() -> InterpretBackend:
     return InterpretBackend()

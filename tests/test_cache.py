@@ -23,7 +23,8 @@ KEY_PARTS = {"unit": "%0 = ft.exp", "backend": "interpret", "capabilities": CAPS
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
+def _fresh_cache(tmp_path, monkeypatch):
+    """Each test starts from an empty cache and zeroed cache counters."""
     monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path / "cache"))
     reset_cache_stats()
 

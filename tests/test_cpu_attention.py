@@ -48,14 +48,6 @@ MEMORY_LAYOUTS = ("contiguous", "permuted", "sliced", "innermost_strided")
 SCALE = 0.3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Kernels compiled here go to a fresh cache, not the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path_factory.mktemp("flagtree-cache")))
-        yield
-
-
 # ---------------------------------------------------------------------- building kernels
 def attention_module(types: tuple[str, ...], attributes: tuple[tuple[str, object], ...]) -> Module:
     """@main(q, k, v, [mask], [sinks]) returning one ft.attention's results."""

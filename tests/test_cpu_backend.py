@@ -47,14 +47,6 @@ from tests.strategies import (
 pytestmark = pytest.mark.mlir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Kernels compiled here go to a fresh cache, not the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path_factory.mktemp("flagtree-cache")))
-        yield
-
-
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 Body = Callable[[Builder, list[Value]], list[Value]]
 

@@ -52,7 +52,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1.6e-2, 
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
+def _fresh_cache(tmp_path, monkeypatch):
+    """Each test starts from an empty cache and zeroed cache counters."""
     monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path / "cache"))
     reset_cache_stats()
 
