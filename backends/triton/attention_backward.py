@@ -69,7 +69,11 @@ from flagtree.ir.types import TensorType
 from flagtree.runtime.plan import PlanWriter
 
 MAX_HEAD_DIM = 512
-MAX_ACCUMULATOR_REGISTERS = 128  # f32 registers per thread for the kernel's accumulators
+# f32 registers per thread for the kernel's accumulators: MLA's KV kernel (grad_k 192 + grad_v 128
+# columns) needs 160 for 64 keys on 4 warps or 128 keys on 8; on an H200 those took its KV
+# kernel from 5035 to 3001-3134 µs against the best tile under a 128 limit
+# (benchmarks/results/attention_backward_tiles_relaxed_h200_2026-11-29.json).
+MAX_ACCUMULATOR_REGISTERS = 160
 MAX_SCORE_REGISTERS = 64  # f32 registers per thread for the two [rows, keys] tiles of one step
 _ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
