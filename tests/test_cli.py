@@ -498,6 +498,10 @@ def test_dump_runs_the_script_and_summarizes_each_graph(capsys, tmp_path, monkey
     # The launch plan is the one the graph ran: it calls the kernel of the fused relu(x * 2 + y).sum(-1).
     plan = (graphs[0] / "plan.py").read_text()
     assert "def run(arg0, arg1):" in plan and "fused_" in plan
+    # ... and the kernels it launches, in each form the backend prints (the cpu backend: MLIR).
+    backend = select_backend(torch.device("cpu"))
+    for form in set(backend.emit_forms()) - {"python"}:
+        assert "fused_" in (graphs[0] / f"kernels.{form}").read_text()
     assert f"1 graph dumped under {dump_dir}/" in out
     backend = select_backend(torch.device("cpu")).name
     assert f"backend={backend}" in out and "pass times: " in out and "canonicalize" in out

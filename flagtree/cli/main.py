@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dump", help="run a script and write every stage of each flagtree compile to files",
         description="Run SCRIPT (as `python SCRIPT ARGS` would) with FLAGTREE_DUMP_DIR set, so every "
                     "torch.compile(..., backend=\"flagtree\") in it writes one folder per graph (FX graph, "
-                    "input FTIR, FTIR before/after each pass, output FTIR, report.json); then print a summary "
+                    "input FTIR, FTIR before/after each pass, output FTIR, the launch plan plan.py, the generated "
+                    "kernels kernels.mlir or kernels.triton, report.json); then print a summary "
                     "of the folders and of each graph's report (backend, fusions, fallbacks, pass times). "
                     "Exits with the script's exit status.",
         epilog="Example: flagtree dump train.py --dump-dir dump -- --steps 1",

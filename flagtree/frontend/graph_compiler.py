@@ -7,6 +7,7 @@ With a dump folder, every stage is written to `DIR/graph_<n>_<kind>/`:
     passes/main/NN_<pass>_before.ftir, NN_<pass>_after.ftir   around each pass
     output.ftir      the FTIR the backend receives
     plan.py          the backend's launch plan (`flagtree-opt --emit=python` of output.ftir), when it has one
+    kernels.<form>   the generated kernels in each form the backend emits (kernels.mlir, kernels.triton)
     report.json      the graph's Report (fusions, fallbacks, op counts, pass times)
 """
 
@@ -24,7 +25,9 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from flagtree.backends.base import Backend, Capabilities
 from flagtree.backends.registry import select_backend
+from flagtree.errors import FlagtreeError
 from flagtree.frontend.importer import ConstantOutput, import_graph
 from flagtree.frontend.options import CompileOptions
 from flagtree.frontend.reduce_overhead import CudaGraphRequest, with_cuda_graphs
@@ -105,8 +108,8 @@ def compile_aten_graph(
         if dump:
             dump.write("output.ftir", print_module(module, print_locations=True))
         executable = backend.compile(module, capabilities)
-        if dump and isinstance(getattr(executable, "source", None), str):
-            dump.write("plan.py", executable.source)
+        if dump:
+            _dump_generated_code(dump, backend, module, capabilities, executable)
     report = _report(graph, backend.name, module, pipeline, pass_times, imported.fallback_reasons, dump)
     # ft.torch_calls are already in report.fallbacks, under the same names
     report.kernel_fallbacks = {op: n for op, n in getattr(executable, "fallback_ops", {}).items()
@@ -120,6 +123,21 @@ def compile_aten_graph(
     if dump:
         dump.write("report.json", report.to_json())
     return CompiledGraph(executable, imported.arg_indices, imported.outputs)
+
+
+def _dump_generated_code(dump: GraphDump, backend: Backend, module: Module, capabilities: Capabilities,
+                         executable: Any) -> None:
+    """The launch plan and the kernels' source, as `flagtree-opt --emit=FORM` prints them."""
+    if isinstance(getattr(executable, "source", None), str):
+        dump.write("plan.py", executable.source)
+    for form in backend.emit_forms():
+        if form == "python":
+            continue
+        try:
+            text = backend.emit(module, capabilities, form)
+        except FlagtreeError as e:  # the graph runs; only this artifact could not be printed
+            text = f"// flagtree could not emit {form} for this graph: {e}\n"
+        dump.write(f"kernels.{form}", text)
 
 
 def _run_pipeline(module: Module, pipeline: str, options: CompileOptions, dump: GraphDump | None) -> dict[str, float]:
