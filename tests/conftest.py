@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from flagtree.runtime import reset_cache_stats
+
 # CI replays the same examples every run so a red build is reproducible; locally,
 # hypothesis explores new inputs each time.
 settings.register_profile(
@@ -29,3 +31,11 @@ def _private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path_factory.mktemp("flagtree-cache")))
         yield
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty kernel cache and zeroed cache counters for one test (modules that count cache
+    hits and misses use it: `pytestmark = pytest.mark.usefixtures("fresh_cache")`)."""
+    monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path / "cache"))
+    reset_cache_stats()

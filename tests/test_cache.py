@@ -15,18 +15,14 @@ from pathlib import Path
 import pytest
 
 from flagtree.backends.base import Capabilities
-from flagtree.runtime import DiskCache, cache_dir, cache_key, cache_stats, reset_cache_stats
+from flagtree.runtime import DiskCache, cache_dir, cache_key, cache_stats
 
 CAPS = Capabilities(target="gpu", dtypes=frozenset({"f32", "bf16", "f16", "i64", "i1"}), warp_size=32)
 KEY_PARTS = {"unit": "%0 = ft.exp", "backend": "interpret", "capabilities": CAPS, "options": {"a": 1},
              "versions": {"torch": "2.11"}}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache(tmp_path, monkeypatch):
-    """Each test starts from an empty cache and zeroed cache counters."""
-    monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path / "cache"))
-    reset_cache_stats()
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # each test: an empty cache, zeroed counters
 
 
 def _run(script: str, env: dict[str, str]) -> dict:

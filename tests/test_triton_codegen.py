@@ -36,7 +36,7 @@ from flagtree.ir import (
     verify,
 )
 from flagtree.passes import PassManager
-from flagtree.runtime import cache_stats, reset_cache_stats
+from flagtree.runtime import cache_stats
 from tests.strategies import (
     BF16_ROUNDING_TYPES,
     bf16_rounding_body,
@@ -51,11 +51,7 @@ from tests.triton_sm90 import CompileForSm90
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache(tmp_path, monkeypatch):
-    """Each test starts from an empty cache and zeroed cache counters."""
-    monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path / "cache"))
-    reset_cache_stats()
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # each test: an empty cache, zeroed counters
 
 
 @pytest.fixture(scope="module")
