@@ -32,6 +32,7 @@ from flagtree.errors import FlagtreeError
 from flagtree.ir.attributes import DenseAttr, ResourceAttr
 from flagtree.ir.core import Module, Operation, Value
 from flagtree.ir.opdef import FUSED, has_trait, lookup
+from flagtree.ir.ops.misc import fallback_name
 from flagtree.ir.types import TensorType, Type
 from flagtree.runtime.plan import DeviceConstant, LaunchPlan, PlanWriter
 
@@ -220,8 +221,8 @@ class _Lowering:
         return self.module.resources[value.name]
 
     def _reference_call(self, op: Operation, operands: list[str]) -> list[str]:
-        if op.name == "ft.torch_call":  # named as reports name eager fallbacks: aten.relu.default
-            self.writer.fallback_ops[op.attributes["target"].replace("::", ".")] += 1
+        if op.name == "ft.torch_call":
+            self.writer.fallback_ops[fallback_name(op)] += 1
         elif has_trait(op, FUSED) and op.name not in self.lowerings:
             self.writer.fallback_ops[f"{op.name} (the {self.writer.backend} backend has no kernel for it)"] += 1
         shown = {k: v for k, v in op.attributes.items() if _is_literal(v)}

@@ -33,6 +33,7 @@ from flagtree.frontend.options import CompileOptions
 from flagtree.frontend.reduce_overhead import CudaGraphRequest, with_cuda_graphs
 from flagtree.ir.core import Module
 from flagtree.ir.opdef import FUSED, has_trait
+from flagtree.ir.ops.misc import fallback_name
 from flagtree.ir.printer import print_module
 from flagtree.ir.verifier import verify
 from flagtree.passes import IRPrinting, PassManager, all_passes, preset_pipeline
@@ -177,7 +178,7 @@ def _report(
     dump: GraphDump | None,
 ) -> Report:
     ops = [op for op in module.walk() if op.name not in _STRUCTURE_OPS]
-    fallbacks = Counter(op.attributes["target"].replace("::", ".") for op in ops if op.name == "ft.torch_call")
+    fallbacks = Counter(fallback_name(op) for op in ops if op.name == "ft.torch_call")
     return Report(
         graph=graph,
         backend=backend,

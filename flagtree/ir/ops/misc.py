@@ -87,6 +87,12 @@ def _infer_torch_call(op: Operation) -> list[Type] | str:
     return [r.type for r in op.results]
 
 
+def fallback_name(op: Operation) -> str:
+    """How reports and launch plans name an ft.torch_call's eager op: `aten.relu.default`, as
+    torch prints it (the attribute holds the schema name `aten::relu.default`)."""
+    return op.attributes["target"].replace("::", ".")
+
+
 def resolve_aten(target: str) -> Any:
     """`aten::add.Tensor` → torch.ops.aten.add.Tensor, or None if it does not exist."""
     namespace, _, qualified = target.partition("::")
