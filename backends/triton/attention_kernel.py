@@ -192,7 +192,7 @@ def _block_scores(q1, q2, k1_ptrs, k2_ptrs, k1_desc, k2_desc, batch, kv_head, st
     scores = tl.dot(q1, tl.trans(k1), input_precision="ieee")
     if SPLIT_QK:
         k2 = _load_block(k2_ptrs, offset, in_range[:, None] & (cols2[None, :] < HEAD_DQK), k2_desc, batch, kv_head,
-                         start_n, DQK1, BLOCK_N, DQK2, True, USE_TMA, DOT_DTYPE)
+                         start_n, DQK1, BLOCK_N, DQK2, BOUNDED or DQK1 + DQK2 > HEAD_DQK, USE_TMA, DOT_DTYPE)
         scores = tl.dot(q2, tl.trans(k2), scores, input_precision="ieee")
     return scores, k1
 
@@ -530,7 +530,7 @@ def attention_backward_kv(
                     scores_t = tl.dot(k1, tl.trans(q1), input_precision="ieee")  # [keys, rows]
                     if SPLIT_QK:
                         q2 = _load_tile(q_rows + cols2[None, :] * stride_qd, row_valid, cols2, HEAD_DQK,
-                                        DQK1 + DQK2, True, DOT_DTYPE)
+                                        DQK1 + DQK2, masked, DOT_DTYPE)
                         scores_t = tl.dot(k2, tl.trans(q2), scores_t, input_precision="ieee")
                     if masked or HAS_MASK:  # p = exp2(s - lse), hidden keys at -inf first
                         offsets = mask_head + key.to(tl.int64)[:, None] * stride_mn \
@@ -635,7 +635,7 @@ def attention_backward_q(
                 scores = tl.dot(q1, tl.trans(k1), input_precision="ieee")
                 if SPLIT_QK:
                     k2 = _load_tile(k_rows + cols2[None, :] * stride_kd, key_valid, cols2, HEAD_DQK, DQK1 + DQK2,
-                                    True, DOT_DTYPE)
+                                    masked, DOT_DTYPE)
                     scores = tl.dot(q2, tl.trans(k2), scores, input_precision="ieee")
                 if masked or HAS_MASK:  # p = exp2(s - lse), hidden keys at -inf first
                     scores = _hidden_scores(scores, qk_scale, key[None, :], position[:, None], row_valid[:, None], Skv,
