@@ -15,6 +15,10 @@ Seven products per visible block instead of five, yet faster here than adding gr
 atomically from the KV kernel (FA2/FA3's way): on an H200 that variant took 1.7× as long
 (995 against 579 µs, bf16 16×128 causal, length 4096; 13.4 against 7.0 ms at 16384), its
 f32 atomics (a [BLOCK_M, D] tile per step) costing more than the two products they save.
+Adding the tile through a tensor-descriptor reduction (the copy engine) instead measured the
+same as atomics with the best tile: 527 against 494 µs at 4096, 7.0 against 7.2 ms at 16384,
+5.9 against 4.9 ms for MLA — the KV kernel's fifth product and the transpose of grad_s, not
+the adds, are what cost (results/attention_backward_fused_grad_q_h200_2026-11-29.json).
 Both kernels run on a 1-D grid that starts one block of every head (a chunk of heads whose
 operands fit in L2) before the next block, so the heaviest causal blocks start first
 (`chunk_count`).  When the KV kernel's programs would leave most multiprocessors idle (MQA:
