@@ -38,6 +38,7 @@ import torch
 
 from flagtree.backends.base import Capabilities
 from flagtree.backends.lowering import UnsupportedRegion
+from flagtree.backends.triton.fixed_launch import FixedLaunch
 from flagtree.backends.triton.library import Jit, versions
 from flagtree.ir.core import Operation
 from flagtree.ir.types import TensorType
@@ -429,26 +430,24 @@ class FlashAttention:
                        **strides_of("o", out_strides),
                        HEAD_DV=head_dv, DV=shape.v_block, BLOCK_S=COMBINE_SPLITS, BLOCK_D=columns,
                        HAS_SINKS=sinks is not None, STORE_LSE=with_lse, num_warps=4)
-        return _Launch(kernel, (programs, splits), constants, out_shape, splits, shape.v_block, descriptors,
-                       not config.dim_chunk, kernels.combine, (constants["scratch_rows"], shape.v_block // columns),
-                       combine, with_lse)
+        return _Launch(FixedLaunch(kernel, (programs, splits), constants), out_shape, splits,
+                       constants["scratch_rows"], shape.v_block, descriptors, not config.dim_chunk,
+                       FixedLaunch(kernels.combine, (constants["scratch_rows"], shape.v_block // columns), combine),
+                       with_lse)
 
 
 @dataclass
 class _Launch:
     """The launches of one call signature; calling it with that signature's tensors runs them."""
 
-    kernel: Any
-    grid: tuple[int, int]
-    constants: dict[str, Any]
+    attention: FixedLaunch  # the online or one-block kernel
     out_shape: tuple[int, int, int, int]
     splits: int
+    scratch_rows: int
     v_block: int
     descriptors: tuple[int, tuple[int, int, int]] | None  # (BLOCK_N, column widths) when K/V use descriptors
     online: bool  # the online kernel (which takes descriptor arguments)
-    combine: Any
-    combine_grid: tuple[int, int]
-    combine_constants: dict[str, Any]
+    combine: FixedLaunch  # merges the splits' partial results (when splits > 1)
     with_lse: bool  # also return each row's log-sum-exp, [B, Hq, Sq] f32
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -461,18 +460,17 @@ class _Launch:
             sinks = sinks.contiguous()
         partial_acc = partial_stats = None
         if self.splits > 1:
-            rows = self.constants["scratch_rows"]
+            rows = self.scratch_rows
             partial_acc = torch.empty((self.splits, rows, self.v_block), dtype=torch.float32, device=q.device)
             partial_stats = torch.empty((self.splits, rows, 2), dtype=torch.float32, device=q.device)
         extra = {}
         if self.online:
             k1, k2, vd = _descriptors(k, v, *self.descriptors) if self.descriptors else (None, None, None)
             extra = {"k1_desc": k1, "k2_desc": k2, "v_desc": vd}
-        self.kernel[self.grid](q=q, k=k, v=v, mask=mask, sinks=sinks, out=out, lse=lse, partial_acc=partial_acc,
-                               partial_stats=partial_stats, **extra, **self.constants)
+        self.attention(q=q, k=k, v=v, mask=mask, sinks=sinks, out=out, lse=lse, partial_acc=partial_acc,
+                       partial_stats=partial_stats, **extra)
         if self.splits > 1:
-            self.combine[self.combine_grid](partial_acc=partial_acc, partial_stats=partial_stats, sinks=sinks,
-                                            out=out, lse=lse, **self.combine_constants)
+            self.combine(partial_acc=partial_acc, partial_stats=partial_stats, sinks=sinks, out=out, lse=lse)
         return (out, lse) if self.with_lse else out
 
 

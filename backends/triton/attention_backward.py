@@ -66,6 +66,7 @@ from flagtree.backends.triton.attention import (
     strides_of,
     write_attention_call,
 )
+from flagtree.backends.triton.fixed_launch import FixedLaunch
 from flagtree.backends.triton.library import Jit
 from flagtree.ir.core import Operation
 from flagtree.ir.ops.attention import sink_gradient
@@ -250,8 +251,9 @@ class FlashAttentionBackward:
         plan = self._plans.get(signature)
         if plan is None:
             plan = self._plans[signature] = _BackwardPlan(self, tensors, scale, causal, window)
-        delta = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
-        if q.numel() == 0 or k.numel() == 0:
+        delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # the Q kernel writes every row
+        if q.numel() == 0 or k.numel() == 0:  # no kernel runs; with no keys the output, hence D, is 0
+            delta.zero_()
             grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
         else:
             q_config = configs[0] if configs else self._config(plan, "q", tensors, delta)
@@ -324,6 +326,7 @@ class _BackwardPlan:
         # the K/V of one KV head, and the q and grad_out of one query head: the bytes a program streams
         self.kv_bytes = skv * (head_dqk + head_dv) * t.k.element_size()
         self.q_bytes = sq * (head_dqk + head_dv) * t.q.element_size()
+        self._launches: dict[tuple, FixedLaunch] = {}  # per kernel, configuration (and head splits)
         self.shapes = {kernel: BackwardClass(kernel, dtype_name(t.q.dtype), head_dqk, head_dv, causal != "none",
                                              window > 0, t.mask is not None, self.group, power_of_two_at_least(sq),
                                              power_of_two_at_least(skv), window) for kernel in ("kv", "q")}
@@ -340,14 +343,12 @@ class _BackwardPlan:
         else:
             grad_k = torch.empty((splits * self.batch, *t.k.shape[1:]), dtype=torch.float32, device=t.k.device)
             grad_v = torch.empty((splits * self.batch, *t.v.shape[1:]), dtype=torch.float32, device=t.v.device)
-        indices = self.batch * self.kv_heads * splits
-        self.kernels.backward_kv[(key_blocks * indices,)](
-            q=t.q, k=t.k, v=t.v, mask=t.mask, grad_out=t.grad_out, lse=t.lse, delta=delta, grad_k=grad_k,
-            grad_v=grad_v, batches=self.batch, head_splits=splits,
-            chunk=chunk_count(self.q_bytes * self.group // splits, indices, self.caps), **self.common,
-            **self.column_blocks,
-            **strides_of("dk", grad_k.stride()), **strides_of("dv", grad_v.stride()),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
+        launch = self._launches.get(("kv", config, splits))
+        if launch is None:
+            launch = self._launches[("kv", config, splits)] = self._key_launch(config, splits, grad_k.stride(),
+                                                                               grad_v.stride())
+        launch(q=t.q, k=t.k, v=t.v, mask=t.mask, grad_out=t.grad_out, lse=t.lse, delta=delta, grad_k=grad_k,
+               grad_v=grad_v)
         if splits == 1:
             return grad_k, grad_v
         return (grad_k.view(splits, *t.k.shape).sum(0).to(t.k.dtype),
@@ -356,23 +357,41 @@ class _BackwardPlan:
     def query_gradient(self, t: _Tensors, delta: torch.Tensor, config: BackwardConfig) -> torch.Tensor:
         """grad_q, and each row's D into `delta`: the looped Q kernel, or the one-block one."""
         grad_q = torch.empty_like(t.q, memory_format=torch.contiguous_format)
-        tensors = dict(q=t.q, k=t.k, v=t.v, mask=t.mask, out=t.out, grad_out=t.grad_out, lse=t.lse, delta=delta,
-                       grad_q=grad_q, **self.common, **self.out_strides, **strides_of("dq", grad_q.stride()),
-                       num_warps=config.num_warps, num_stages=config.num_stages)
+        launch = self._launches.get(("q", config))
+        if launch is None:
+            launch = self._launches[("q", config)] = self._query_launch(config, grad_q.stride())
+        launch(q=t.q, k=t.k, v=t.v, mask=t.mask, out=t.out, grad_out=t.grad_out, lse=t.lse, delta=delta,
+               grad_q=grad_q)
+        return grad_q
+
+
+    def _key_launch(self, config: BackwardConfig, splits: int, grad_k_strides: tuple[int, ...],
+                    grad_v_strides: tuple[int, ...]) -> FixedLaunch:
+        """The KV kernel's launch with `config`, each GQA group split `splits` ways."""
+        indices = self.batch * self.kv_heads * splits
+        return FixedLaunch(self.kernels.backward_kv, (-(-self.skv // config.block_n) * indices,), dict(
+            batches=self.batch, head_splits=splits,
+            chunk=chunk_count(self.q_bytes * self.group // splits, indices, self.caps), **self.common,
+            **self.column_blocks, **strides_of("dk", grad_k_strides), **strides_of("dv", grad_v_strides),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+            num_stages=config.num_stages))
+
+    def _query_launch(self, config: BackwardConfig, grad_q_strides: tuple[int, ...]) -> FixedLaunch:
+        """The looped Q kernel's launch with `config`, or the one-block one's."""
+        fixed = dict(**self.common, **self.out_strides, **strides_of("dq", grad_q_strides),
+                     num_warps=config.num_warps, num_stages=config.num_stages)
         if config.dim_chunk:
             head_packs = self.batch * self.q_heads // config.pack
             positions = config.block_m // config.pack
-            self.kernels.backward_q_one_block[(-(-self.sq // positions) * head_packs,)](
-                **tensors, head_packs=head_packs,
+            return FixedLaunch(self.kernels.backward_q_one_block, (-(-self.sq // positions) * head_packs,), dict(
+                **fixed, head_packs=head_packs,
                 chunk_packs=chunk_count(self.kv_bytes * config.pack // self.group, head_packs, self.caps),
-                CHUNK=config.dim_chunk, BLOCK_M=config.block_m, KEYS=config.block_n, PACK=config.pack)
-        else:
-            indices = self.batch * self.q_heads
-            self.kernels.backward_q[(-(-self.sq // config.block_m) * indices,)](
-                **tensors, **self.column_blocks, batches=self.batch,
-                chunk=chunk_count(self.kv_bytes // self.group, indices, self.caps), BLOCK_M=config.block_m,
-                BLOCK_N=config.block_n)
-        return grad_q
+                CHUNK=config.dim_chunk, BLOCK_M=config.block_m, KEYS=config.block_n, PACK=config.pack))
+        indices = self.batch * self.q_heads
+        return FixedLaunch(self.kernels.backward_q, (-(-self.sq // config.block_m) * indices,), dict(
+            **fixed, **self.column_blocks, batches=self.batch,
+            chunk=chunk_count(self.kv_bytes // self.group, indices, self.caps), BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n))
 
 
 @functools.cache
