@@ -128,3 +128,65 @@ def test_a_plan_that_waits_on_the_host_runs_without_cuda_graphs(fresh_cuda_graph
     assert run.not_recorded is not None and run.not_recorded.startswith("recording failed: ")
     assert cuda_graph_stats().not_recorded == {"graph_sync": run.not_recorded}
     assert torch.cuda.current_stream() == stream, "the failed recording left its capture stream current"
+
+
+# ------------------------------------------------------------ attention launches past Triton's JIT
+def _attention_inputs(heads: int, kv_heads: int, sq: int, skv: int, dqk: int, dv: int, kv_shared: bool = False):
+    q = torch.randn(1, heads, sq, dqk, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, kv_heads, skv, dqk, device="cuda", dtype=torch.bfloat16)
+    v = k if kv_shared else torch.randn(1, kv_heads, skv, dv, device="cuda", dtype=torch.bfloat16)
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", ["online", "descriptors", "split_kv", "one_block"])
+def test_attention_calls_after_the_first_match_a_fresh_jit_launch_bit_for_bit(case):
+    """FixedLaunch sends a signature's first call through Triton's JIT and later ones straight to
+    the compiled kernel: a later call on fresh inputs gives exactly what a fresh object's first
+    (JIT) call gives on them, for each kernel path, including split-KV's combine kernel."""
+    from flagtree.backends.registry import get_backend
+    from flagtree.backends.triton.attention import AttentionConfig, FlashAttention
+
+    backend = get_backend("cuda")
+    caps = backend.capabilities()
+    shapes = {"online": (8, 2, 300, 300, 128, 128), "descriptors": (8, 2, 300, 300, 192, 128),
+              "split_kv": (16, 1, 1, 4096, 128, 128), "one_block": (16, 1, 64, 64, 512, 512)}[case]
+    configs = {"online": AttentionConfig(128, 64, 1, 8, 3), "descriptors": AttentionConfig(128, 64, 1, 8, 3, tma=True),
+               "split_kv": AttentionConfig(16, 64, 16, 4, 2), "one_block": AttentionConfig(64, 64, 16, 4, 3, 64)}
+    kwargs = dict(scale=0.1, causal="lower_right", window=0, config=configs[case])
+    q, k, v = _attention_inputs(*shapes, kv_shared=case == "one_block")
+    launch = FlashAttention(backend.name, backend.jit, caps)._plan(*_plan_arguments(q, k, v, kwargs))
+    launch(q, k, v, None, None)  # through the JIT
+    q, k, v = _attention_inputs(*shapes, kv_shared=case == "one_block")
+    out = launch(q, k, v, None, None)  # straight to the compiled kernels
+    expected = FlashAttention(backend.name, backend.jit, caps).run(q, k, v, None, None, **kwargs)
+    if case == "split_kv":
+        assert launch.splits > 1
+    assert torch.equal(out, expected)
+
+
+def _plan_arguments(q, k, v, kwargs):
+    from flagtree.backends.triton.attention import attention_class
+
+    shape = attention_class(q, k, v, kwargs["causal"], kwargs["window"], False)
+    return (shape, q, k, v, None, None, kwargs["scale"], kwargs["causal"], kwargs["window"], kwargs["config"], None)
+
+
+def test_attention_backward_calls_after_the_first_match_a_fresh_jit_launch_bit_for_bit():
+    from flagtree.backends.registry import get_backend
+    from flagtree.backends.triton.attention import flash_attention
+    from flagtree.backends.triton.attention_backward import BackwardConfig, FlashAttentionBackward
+
+    backend = get_backend("cuda")
+    caps = backend.capabilities()
+    configs = (BackwardConfig(128, 64, 8, 3), BackwardConfig(64, 64, 4, 2))
+    kwargs = dict(scale=0.1, causal="upper_left", window=0)
+    warm = FlashAttentionBackward(backend.name, backend.jit, caps)
+    for _ in range(2):
+        q, k, v = _attention_inputs(8, 2, 333, 333, 192, 128)
+        out, lse = flash_attention(backend.name, backend.jit, caps)(q, k, v, **kwargs, with_lse=True)
+        grad = torch.randn_like(out)
+        grads = warm(q, k, v, out, grad, lse, **kwargs, configs=configs)
+    expected = FlashAttentionBackward(backend.name, backend.jit, caps)(q, k, v, out, grad, lse, **kwargs,
+                                                                        configs=configs)
+    for actual, reference in zip(grads, expected):
+        assert torch.equal(actual, reference)
