@@ -84,7 +84,7 @@ Invariants of the result (tests/test_fuse_elementwise.py checks them on random p
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -94,6 +94,7 @@ from flagtree.errors import OptionsError
 from flagtree.ir.attributes import DenseAttr
 from flagtree.ir.core import Block, Module, Operation, OpResult, Region, Value
 from flagtree.ir.opdef import ELEMENTWISE, PURE, TERMINATOR, has_trait
+from flagtree.ir.ops.shape import unit_dim_map
 from flagtree.ir.types import TensorType
 from flagtree.passes.base import Pass, register_pass
 
@@ -251,7 +252,7 @@ def _is_valid_piece(piece: list[Operation], operand: Value) -> bool:
     ending in a reshape that only adds or removes size-1 dims (see the module docstring)."""
     last = piece[-1]
     shape = operand.type.shape
-    if last.name == "ft.reshape" and _size_one_reshape_map(last.operands[0].type.shape, shape) is not None:
+    if last.name == "ft.reshape" and unit_dim_map(last.operands[0].type.shape, shape) is not None:
         piece, shape = piece[:-1], last.operands[0].type.shape
     if not piece:
         return True
@@ -294,7 +295,7 @@ def _reads_same_point(op: Operation, index: int, labels: dict[Shape, Labels]) ->
     return all(label is None or (dim is not None and target[dim] == label) for label, dim in zip(source, dim_map))
 
 
-def _operand_dim_map(op: Operation, index: int) -> list[int | None] | None:
+def _operand_dim_map(op: Operation, index: int) -> Sequence[int | None] | None:
     """For each dim of operand `index`, the result dim it becomes (None: a size-1 dim that
     broadcasts or disappears); None when the op moves elements across dims (slices, reshapes
     that split or merge dims)."""
@@ -306,26 +307,11 @@ def _operand_dim_map(op: Operation, index: int) -> list[int | None] | None:
             dim_map[operand_dim] = result_dim
         return dim_map
     if op.name == "ft.reshape":
-        return _size_one_reshape_map(operand, result)
+        return unit_dim_map(operand, result)
     if op.name == "ft.slice":
         return None
     offset = len(result) - len(operand)
     return [dim + offset if size != 1 else None for dim, size in enumerate(operand)]
-
-
-def _size_one_reshape_map(operand: Shape, result: Shape) -> list[int | None] | None:
-    """The dim map of a reshape that only inserts or removes size-1 dims, else None.
-
-    At most one dynamic dim may be among the others: equal element counts then pin it."""
-    source = [dim for dim, size in enumerate(operand) if size != 1]
-    target = [dim for dim, size in enumerate(result) if size != 1]
-    same_sizes = [operand[d] for d in source] == [result[d] for d in target]
-    if not same_sizes or sum(operand[d] is None for d in source) > 1:
-        return None
-    dim_map: list[int | None] = [None] * len(operand)
-    for operand_dim, result_dim in zip(source, target):
-        dim_map[operand_dim] = result_dim
-    return dim_map
 
 
 # ---------------------------------------------------------------- grouping

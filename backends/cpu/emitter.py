@@ -68,6 +68,7 @@ from flagtree.backends.cpu.mlir_text import (
 from flagtree.ir.attributes import DenseAttr, format_attribute
 from flagtree.ir.core import Operation, Value
 from flagtree.ir.opdef import ELEMENTWISE, has_trait
+from flagtree.ir.ops.shape import unit_dim_map
 from flagtree.ir.types import F64, I64, ScalarType, TensorType
 
 _SCALAR_ARG_TYPES = frozenset({"i64", "i32", "f64", "f32"})
@@ -472,7 +473,7 @@ class _KernelEmitter:
         result = self._result_type(op)
         value = self._lazy(operands[0])
         sizes = self._sized(op, operands[1:])
-        unit_dims = _unit_dim_mapping(value.shape, result.shape)
+        unit_dims = unit_dim_map(value.shape, result.shape)
         if unit_dims is not None:
             return reindex(value, unit_dims, result.shape, sizes)
         tensor = self._stored(value)
@@ -890,21 +891,6 @@ def _broadcast_sizes(shape: tuple[int | None, ...], operands: list[Lazy]) -> tup
 
 def _comma_list(items: Sequence[object]) -> str:
     return ", ".join(map(str, items))
-
-
-def _unit_dim_mapping(source: tuple[int | None, ...], target: tuple[int | None, ...]) -> Map | None:
-    """If reshaping `source` to `target` only inserts or drops size-1 dims, the map of each
-    source dim to its target dim (None for dropped ones); else None.  The non-unit dims must
-    match in order with at most one `?` among them: then equal element counts make the `?`s
-    equal too."""
-    source_dims = [k for k, d in enumerate(source) if d != 1]
-    target_dims = [k for k, d in enumerate(target) if d != 1]
-    if [source[k] for k in source_dims] != [target[k] for k in target_dims]:
-        return None
-    if sum(source[k] is None for k in source_dims) > 1:
-        return None
-    to_target = dict(zip(source_dims, target_dims))
-    return tuple(to_target.get(k) for k in range(len(source)))
 
 
 _EXPENSIVE = frozenset({"ft.exp", "ft.exp2", "ft.log", "ft.log2", "ft.log1p", "ft.expm1", "ft.tanh", "ft.erf",

@@ -39,6 +39,20 @@ register(OpDef("ft.reshape", "same elements in row-major order, new shape (the r
                reference=lambda args, a, rt: args[0].reshape(runtime_shape(rt[0], args[1:]))))
 
 
+def unit_dim_map(source: tuple[int | None, ...], target: tuple[int | None, ...]) -> tuple[int | None, ...] | None:
+    """If reshaping `source` to `target` only inserts or drops size-1 dims: for each source dim,
+    the target dim it becomes (None for a dropped one); else None.  The other dims must match in
+    order with at most one `?` among them: equal element counts then make the `?`s equal too."""
+    source_dims = [k for k, d in enumerate(source) if d != 1]
+    target_dims = [k for k, d in enumerate(target) if d != 1]
+    if [source[k] for k in source_dims] != [target[k] for k in target_dims]:
+        return None
+    if sum(source[k] is None for k in source_dims) > 1:
+        return None
+    to_target = dict(zip(source_dims, target_dims))
+    return tuple(to_target.get(k) for k in range(len(source)))
+
+
 def _infer_broadcast_to(op: Operation) -> list[Type] | str:
     x = tensor_operand(op)
     if isinstance(x, str):
