@@ -52,8 +52,17 @@ class Capabilities:
             parts.append(f"smem={self.shared_memory_bytes // 1024}KiB")
         if self.warp_size > 1:
             parts.append(f"warp={self.warp_size}")
-        parts.extend(f"{k}={v}" for k, v in self.extra)
+        parts.extend(f"{k.removesuffix('_bytes')}={_size(v)}" if k.endswith("_bytes") else f"{k}={v}"
+                     for k, v in self.extra)
         return " ".join(parts)
+
+
+def _size(n: int) -> str:
+    """A byte count the way people write it: 60MiB, 228KiB, 100B."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
 
 
 class Executable(Protocol):
