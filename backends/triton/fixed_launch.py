@@ -41,9 +41,10 @@ class FixedLaunch:
         if launcher is None:
             compiled = self.kernel[self.grid](**varying, **self.fixed)
             if hasattr(compiled, "__getitem__") and hasattr(self.kernel, "arg_names"):
-                self._launchers[key] = compiled[self.grid]
+                # the argument template first: another thread may take the launcher once it is stored
                 self._arguments = [self.fixed.get(name) for name in self.kernel.arg_names]
                 self._slots = [(i, name) for i, name in enumerate(self.kernel.arg_names) if name in varying]
+                self._launchers[key] = compiled[self.grid]
             return
         arguments = list(self._arguments)
         for i, name in self._slots:
