@@ -80,6 +80,16 @@ def test_each_alignment_is_compiled_through_the_jit_once(offsets):
     assert len(kernel.jit_calls) + len(kernel.direct_calls) == len(offsets)
 
 
+def test_a_tensor_where_an_earlier_call_passed_none_goes_through_the_jit():
+    kernel = RecordingKernel()
+    launch = FixedLaunch(kernel, (1,), FIXED)
+    x, out = torch.zeros(8), torch.zeros(8)
+    launch(x=x, out=out, mask=None)
+    launch(x=x, out=out, mask=torch.zeros(8, dtype=torch.bool))
+    launch(x=x, out=out, mask=torch.zeros(8, dtype=torch.bool))
+    assert len(kernel.jit_calls) == 2 and len(kernel.direct_calls) == 1
+
+
 def test_a_jit_that_returns_no_compiled_kernel_is_always_called():
     kernel = RecordingKernel(returns_compiled=False)
     launch = FixedLaunch(kernel, (1,), FIXED)

@@ -56,4 +56,4 @@ def _alignment(value: Any) -> Any:
     """What Triton's specialisation of an argument depends on beyond the call signature."""
     if isinstance(value, torch.Tensor):
         return value.data_ptr() % TRITON_ALIGNMENT == 0
-    return value is None
+    return None if value is None else type(value)
