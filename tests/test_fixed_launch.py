@@ -72,7 +72,7 @@ def test_each_alignment_is_compiled_through_the_jit_once(offsets):
     seen = set()
     for x_offset, out_offset in offsets:
         x, out = storage[x_offset:x_offset + 8], storage[out_offset:out_offset + 8]
-        key = (x.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)
+        key = (x.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)  # one dtype throughout
         jit_before = len(kernel.jit_calls)
         launch(x=x, out=out, mask=None)
         assert len(kernel.jit_calls) == jit_before + (key not in seen)
@@ -88,6 +88,15 @@ def test_a_tensor_where_an_earlier_call_passed_none_goes_through_the_jit():
     launch(x=x, out=out, mask=torch.zeros(8, dtype=torch.bool))
     launch(x=x, out=out, mask=torch.zeros(8, dtype=torch.bool))
     assert len(kernel.jit_calls) == 2 and len(kernel.direct_calls) == 1
+
+
+def test_another_dtype_goes_through_the_jit():
+    kernel = RecordingKernel()
+    launch = FixedLaunch(kernel, (1,), FIXED)
+    out = torch.zeros(8)
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+        launch(x=torch.zeros(8, dtype=dtype), out=out, mask=None)
+    assert len(kernel.jit_calls) == 2 and len(kernel.direct_calls) == 2
 
 
 def test_a_jit_that_returns_no_compiled_kernel_is_always_called():

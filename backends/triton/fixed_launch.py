@@ -9,8 +9,8 @@ of host time per call for two launches, against 500 µs of GPU time).
 `FixedLaunch` sends the first call for each tensor alignment through Triton's JIT, which
 compiles (or finds) the kernel and returns it, and launches later calls through that compiled
 kernel directly (`compiled[grid](*arguments)`, Triton's own launcher).  The key is what Triton
-specialises a tensor on besides its dtype, which the call signature fixes: whether its address
-is a multiple of 16.  Where the JIT returns no compiled kernel (Triton's interpreter, or a
+specialises a tensor argument on: its dtype and whether its address is a multiple of 16 (and
+None where a call passes no tensor).  Where the JIT returns no compiled kernel (Triton's interpreter, or a
 Triton whose compiled kernels cannot be launched so), every call goes through the JIT.
 """
 
@@ -53,7 +53,7 @@ class FixedLaunch:
 
 
 def _alignment(value: Any) -> Any:
-    """What Triton's specialisation of an argument depends on beyond the call signature."""
+    """What Triton specialises a varying argument on."""
     if isinstance(value, torch.Tensor):
-        return value.data_ptr() % TRITON_ALIGNMENT == 0
+        return value.dtype, value.data_ptr() % TRITON_ALIGNMENT == 0
     return None if value is None else type(value)
