@@ -2,16 +2,18 @@
 
 The attention kernels take 60-100 arguments, and for one call signature (shapes, strides,
 dtypes, attributes) every argument but the tensors is the same on every call.  Triton's
-`kernel[grid](...)` binds and specialises all of them on each launch; on the H200's host that
-made flagtree's backward at length 4096 host-bound (the kernels called directly: 190-360 µs
-of host time per call for two launches, against 500 µs of GPU time).
+`kernel[grid](...)` binds and specialises all of them on each launch: on the H200 machine's
+host the backward's two launches took 190-360 µs of host time per call, and with
+aot_autograd's wrappers on top the compiled backward at length 4096 (500 µs of GPU time) was
+host-bound in one benchmark run; through FixedLaunch the two launches take 130 µs.
 
-`FixedLaunch` sends the first call for each tensor alignment through Triton's JIT, which
-compiles (or finds) the kernel and returns it, and launches later calls through that compiled
-kernel directly (`compiled[grid](*arguments)`, Triton's own launcher).  The key is what Triton
-specialises a tensor argument on: its dtype and whether its address is a multiple of 16 (and
-None where a call passes no tensor).  Where the JIT returns no compiled kernel (Triton's interpreter, or a
-Triton whose compiled kernels cannot be launched so), every call goes through the JIT.
+`FixedLaunch` sends the first call for each key through Triton's JIT, which compiles (or
+finds) the kernel and returns it, and launches later calls with the same key through that
+compiled kernel directly (`compiled[grid](*arguments)`, Triton's own launcher).  The key is
+what Triton specialises a tensor argument on: its dtype and whether its address is a multiple
+of 16 (and None where a call passes no tensor).  Where the JIT returns no compiled kernel
+(Triton's interpreter, or a Triton whose compiled kernels cannot be launched so), every call
+goes through the JIT.
 """
 
 from __future__ import annotations
