@@ -32,6 +32,7 @@ from flagtree.ir.core import Operation, Value
 from flagtree.ir.opdef import ELEMENTWISE, has_trait, lookup
 from flagtree.ir.ops._util import runtime_shape
 from flagtree.ir.types import I64, TensorType
+from flagtree.runtime.signatures import SignatureCache
 
 
 class KernelCallError(FlagtreeError):
@@ -69,7 +70,7 @@ class CpuKernel:
         self._strides = strides or Strides()
         self._worth_splitting = worth_splitting or _many_elements
         self._strided_inputs = tuple(i in self._strides.inputs for i in range(len(self._arg_types)))
-        self._launches: dict[tuple, _Launch] = {}
+        self._launches: SignatureCache[_Launch] = SignatureCache()
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         args, launch = self._prepared(args)

@@ -44,6 +44,7 @@ from flagtree.ir.core import Operation
 from flagtree.ir.types import TensorType
 from flagtree.runtime.cache import DiskCache, cache_key
 from flagtree.runtime.plan import PlanWriter
+from flagtree.runtime.signatures import SignatureCache
 
 logger = logging.getLogger("flagtree")
 
@@ -325,7 +326,7 @@ class FlashAttention:
         self.caps = caps
         self.tuner = ConfigTuner(backend, caps, measure or benchmark_ms)
         self._chosen: dict[AttentionClass, AttentionConfig] = {}
-        self._launches: dict[tuple, _Launch] = {}
+        self._launches: SignatureCache[_Launch] = SignatureCache()
 
     def __repr__(self) -> str:
         return f"FlashAttention({self.backend}, {self.caps.target})"

@@ -72,6 +72,7 @@ from flagtree.ir.core import Operation
 from flagtree.ir.ops.attention import sink_gradient
 from flagtree.ir.types import TensorType
 from flagtree.runtime.plan import PlanWriter
+from flagtree.runtime.signatures import SignatureCache
 
 MAX_HEAD_DIM = 512
 # f32 registers per thread for the kernel's accumulators: MLA's KV kernel (grad_k 192 + grad_v 128
@@ -233,7 +234,7 @@ class FlashAttentionBackward:
         self.caps = caps
         self.tuner = ConfigTuner(backend, caps, measure or benchmark_ms, BackwardConfig)
         self._chosen: dict[BackwardClass, BackwardConfig] = {}
-        self._plans: dict[tuple, _BackwardPlan] = {}
+        self._plans: SignatureCache[_BackwardPlan] = SignatureCache()
 
     def __repr__(self) -> str:
         return f"FlashAttentionBackward({self.backend}, {self.caps.target})"
