@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch._prims_common import get_computation_dtype
 
+from flagtree.frontend.encoder_layer import transformer_encoder_layer
 from flagtree.ir.core import Value
 from flagtree.ir.types import F64, I1, I64, ScalarType, TensorType, from_torch_dtype
 
@@ -57,6 +58,14 @@ EXTRA_DECOMPOSITIONS: dict[str, str] = {
     "aten.repeat.default": "FTIR has no tiling op; the decomposition is broadcast_to + reshape",
     "aten.linalg_vector_norm.default": "FTIR has no norm op; the decomposition is abs/pow + sum",
     "aten.upsample_nearest2d.vec": "FTIR has no resize op; the decomposition is iota + index",
+}
+
+# Fused aten ops torch has no decomposition for, rewritten by flagtree's own before import:
+# name -> (why, the decomposition).
+OWN_DECOMPOSITIONS: dict[str, tuple[str, Callable[..., Any]]] = {
+    "aten._transformer_encoder_layer_fwd.default": (
+        "nn.TransformerEncoderLayer's fused inference op: into its layer norms, projections, SDPA "
+        "(`ft.attention`) and feed-forward (frontend/encoder_layer.py)", transformer_encoder_layer),
 }
 
 # Ops torch's core ATen decompositions would rewrite, kept whole because a lowering maps them.

@@ -23,7 +23,7 @@ from torch._decomp import core_aten_decompositions, get_decompositions
 from torch._dynamo.backends.common import aot_autograd
 
 from flagtree.errors import OptionsError
-from flagtree.frontend.aten_mapping import EXTRA_DECOMPOSITIONS, KEPT_FROM_DECOMPOSITION
+from flagtree.frontend.aten_mapping import EXTRA_DECOMPOSITIONS, KEPT_FROM_DECOMPOSITION, OWN_DECOMPOSITIONS
 from flagtree.frontend.attention_rank import lift_attention_to_rank4
 from flagtree.frontend.explicit_attention import route_explicit_attention
 from flagtree.frontend.freezing import FrozenParameters, freeze_parameters
@@ -77,10 +77,12 @@ def flagtree_backend(
 @functools.cache
 def decomposition_table() -> dict[Any, Callable[..., Any]]:
     """torch's core ATen decompositions, plus torch's own decompositions of the core ops
-    FTIR has no op for (EXTRA_DECOMPOSITIONS says why for each), less the ops the importer
-    maps whole (KEPT_FROM_DECOMPOSITION)."""
+    FTIR has no op for (EXTRA_DECOMPOSITIONS says why for each) and flagtree's of fused ops
+    torch does not decompose (OWN_DECOMPOSITIONS), less the ops the importer maps whole
+    (KEPT_FROM_DECOMPOSITION)."""
     table = dict(core_aten_decompositions())
     table.update(get_decompositions([_overload(name) for name in EXTRA_DECOMPOSITIONS]))
+    table.update({_overload(name): decomposition for name, (_, decomposition) in OWN_DECOMPOSITIONS.items()})
     for name in KEPT_FROM_DECOMPOSITION:
         del table[_overload(name)]
     return table

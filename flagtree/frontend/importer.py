@@ -422,6 +422,15 @@ def mapping_markdown() -> str:
         lines.append(f"| `{name}` | {reason} |")
     lines += [
         "",
+        "Fused ops torch has no decomposition for, rewritten by flagtree's own:",
+        "",
+        "| aten op | why |",
+        "|---|---|",
+    ]
+    for name, (reason, _) in sorted(aten_mapping.OWN_DECOMPOSITIONS.items()):
+        lines.append(f"| `{name}` | {reason} |")
+    lines += [
+        "",
         "## Kept whole",
         "",
         "Ops torch's core ATen decompositions would rewrite, left out of the table because a",
