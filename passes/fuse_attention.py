@@ -33,9 +33,10 @@ Recognised
 Not fused (near misses, reported by explain): dropout or any other op between the
 softmax and p·v; probabilities used elsewhere (returned weights, saved for backward); a
 softmax over another dim; a scale that is a run-time tensor, or not positive; fills such
-as -1e4 or 0 that do not hide a key exactly; a finite fill next to an additive bias that
-could undo it; masks applied before a reshape of the scores; score products scaled
-differently on q or k; a softmax without its row maximum subtracted.
+as -1e4 or 0 that do not hide a key exactly; an additive bias added after a finite fill
+(it could undo the fill; a bias added before the fill is replaced by it and fuses); masks
+applied before a reshape of the scores; score products scaled differently on q or k; a
+softmax without its row maximum subtracted.
 
 Deviations from eager, all at least as accurate: scores and softmax are computed in f32
 (f64 for f64) whatever precision the spelling used; a row whose every key is masked
@@ -681,9 +682,14 @@ class _Matcher:
 
 
 def _check_fills_hold(keeps: list[Keep]) -> None:
-    """A finite fill (-1e9) hides a key only if no additive bias can add it back."""
-    if any(k.finite_fill for k in keeps) and any(k.kind == "additive" and k.formula is None for k in keeps):
-        raise NearMiss("a mask with a finite fill (such as -1e9) meets an additive bias, which could undo it")
+    """A finite fill (-1e9) hides a key only if no additive bias added after it can add it back;
+    a bias added before it (BLOOM's alibi, then masked_fill) is replaced by the fill.  `keeps`
+    are in the order they apply to the scores."""
+    filled = False
+    for keep in keeps:
+        if filled and keep.kind == "additive" and keep.formula is None:
+            raise NearMiss("a bias is added after a mask with a finite fill (such as -1e9), and could undo it")
+        filled = filled or keep.finite_fill
 
 
 def _check_dtypes(score_product: Operation, value_product: Operation) -> None:
