@@ -24,7 +24,8 @@ class Report:
     """One compiled graph.
 
     graph: `graph_<n>_<forward|backward|inference>`; n counts Dynamo graphs in this process.
-    backend: the backend that runs it ("reference" until a codegen backend claims the device).
+    backend: the backend that runs it ("reference" until a codegen backend claims the device;
+      "eager" for a graph FTIR cannot express, which torch runs itself: fallbacks names why).
     pipeline: the pass pipeline that ran.
     fusions: fused op (short name, e.g. "attention") → count after the pipeline.
     fallbacks: aten op (`aten.convolution_backward.default`) → count of `ft.torch_call`s.

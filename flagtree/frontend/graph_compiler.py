@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from flagtree.backends.base import Backend, Capabilities
 from flagtree.backends.registry import select_backend
 from flagtree.errors import FlagtreeError
-from flagtree.frontend.importer import ConstantOutput, import_graph
+from flagtree.frontend.importer import ConstantOutput, UnsupportedGraph, import_graph
 from flagtree.frontend.options import CompileOptions
 from flagtree.frontend.reduce_overhead import CudaGraphRequest, with_cuda_graphs
 from flagtree.ir.core import Module
@@ -95,7 +95,10 @@ def compile_aten_graph(
         if dump:
             dump.clear()
             dump.write("fx_graph.py", gm.print_readable(print_output=False))
-        imported = import_graph(gm, constants)
+        try:
+            imported = import_graph(gm, constants)
+        except UnsupportedGraph as unsupported:
+            return _eager_graph(gm, graph, unsupported, constants or {}, start, dump)
         module = imported.module
         verify(module)
         if dump:
@@ -124,6 +127,37 @@ def compile_aten_graph(
     if dump:
         dump.write("report.json", report.to_json())
     return CompiledGraph(executable, imported.arg_indices, imported.outputs)
+
+
+class EagerGraph:
+    """An aten graph torch runs itself (see UnsupportedGraph), frozen constants put back in place."""
+
+    backend = "eager"
+
+    def __init__(self, gm: fx.GraphModule, constants: dict[int, tuple[str, torch.Tensor]], arguments: int):
+        self.gm = gm
+        self.constants = constants
+        self.arguments = arguments
+
+    def __call__(self, *inputs: Any) -> list[Any]:
+        given = iter(inputs)
+        args = [self.constants[i][1] if i in self.constants else next(given) for i in range(self.arguments)]
+        return list(self.gm(*args))
+
+
+def _eager_graph(gm: fx.GraphModule, graph: str, unsupported: UnsupportedGraph,
+                 constants: dict[int, tuple[str, torch.Tensor]], start: float, dump: GraphDump | None) -> CompiledGraph:
+    """`gm` run by eager torch, reported as one fallback of the construct FTIR cannot express."""
+    arguments = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
+    outputs = len(next(node for node in gm.graph.nodes if node.op == "output").args[0])
+    report = Report(graph, EagerGraph.backend, fallbacks={unsupported.construct: 1},
+                    fallback_reasons={unsupported.construct: f"the whole graph runs in eager torch: {unsupported}"},
+                    compile_seconds=time.perf_counter() - start, dump_dir=str(dump.folder) if dump else None)
+    record(report)
+    if dump:
+        dump.write("report.json", report.to_json())
+    return CompiledGraph(EagerGraph(gm, constants, arguments), [i for i in range(arguments) if i not in constants],
+                         list(range(outputs)))
 
 
 def _dump_generated_code(dump: GraphDump, backend: Backend, module: Module, capabilities: Capabilities,

@@ -41,6 +41,16 @@ class GraphImportError(FlagtreeError):
     """The graph cannot be expressed in FTIR (e.g. a dtype FTIR lacks); names the node."""
 
 
+class UnsupportedGraph(GraphImportError):
+    """The graph uses a construct FTIR has no form for but torch runs: a higher-order op that
+    takes a subgraph (flex_attention's score_mod, cond, while_loop, ...).  `construct` names it;
+    the graph compiler runs such a graph in eager torch, as one counted fallback."""
+
+    def __init__(self, message: str, construct: str):
+        super().__init__(message)
+        self.construct = construct
+
+
 @dataclass(frozen=True)
 class ConstantOutput:
     """A graph output that is not a tensor computed at run time (None, or a static int)."""
@@ -191,6 +201,11 @@ class FXImporter:
 
     def _import_get_attr(self, node: fx.Node) -> Value:
         tensor = getattr(self.gm, node.target)
+        if isinstance(tensor, fx.GraphModule):
+            users = sorted({str(user.target) for user in node.users})
+            construct = users[0] if users else str(node.target)
+            raise UnsupportedGraph(f"{_location(node)}: {', '.join(users) or 'an op'} takes the subgraph "
+                                   f"'{node.target}', and FTIR has no subgraph operands", construct)
         if not isinstance(tensor, torch.Tensor):
             raise GraphImportError(
                 f"{_location(node)}: get_attr '{node.target}' is a {type(tensor).__name__}, not a tensor"
