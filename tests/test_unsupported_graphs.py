@@ -26,16 +26,18 @@ def _fresh():
     flagtree.clear_reports()
 
 
-def test_flex_attention_runs_eagerly_and_is_reported():
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_flex_attention_runs_eagerly_and_is_reported(mode):
     q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
     with torch.no_grad():
-        actual = torch.compile(_flex, backend="flagtree")(q, k, v)
+        actual = torch.compile(_flex, backend="flagtree", mode=mode)(q, k, v)
         expected = _flex(q, k, v)
     torch.testing.assert_close(actual, expected)
     (report,) = flagtree.reports()
     assert report.backend == "eager" and report.fallbacks == {"flex_attention": 1}
     assert "whole graph runs in eager torch" in report.fallback_reasons["flex_attention"]
     assert "subgraph" in report.fallback_reasons["flex_attention"]
+    assert report.notes == (["cuda_graphs not applied: the graph runs in eager torch"] if mode else [])
 
 
 def test_torch_cond_runs_eagerly_and_is_reported():

@@ -98,7 +98,7 @@ def compile_aten_graph(
         try:
             imported = import_graph(gm, constants)
         except UnsupportedGraph as unsupported:
-            return _eager_graph(gm, graph, unsupported, constants or {}, start, dump)
+            return _eager_graph(gm, graph, unsupported, constants or {}, start, dump, cuda_graphs is not None)
         module = imported.module
         verify(module)
         if dump:
@@ -146,13 +146,16 @@ class EagerGraph:
 
 
 def _eager_graph(gm: fx.GraphModule, graph: str, unsupported: UnsupportedGraph,
-                 constants: dict[int, tuple[str, torch.Tensor]], start: float, dump: GraphDump | None) -> CompiledGraph:
+                 constants: dict[int, tuple[str, torch.Tensor]], start: float, dump: GraphDump | None,
+                 cuda_graphs_requested: bool) -> CompiledGraph:
     """`gm` run by eager torch, reported as one fallback of the construct FTIR cannot express."""
     arguments = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
     outputs = len(next(node for node in gm.graph.nodes if node.op == "output").args[0])
     report = Report(graph, EagerGraph.backend, fallbacks={unsupported.construct: 1},
                     fallback_reasons={unsupported.construct: f"the whole graph runs in eager torch: {unsupported}"},
                     compile_seconds=time.perf_counter() - start, dump_dir=str(dump.folder) if dump else None)
+    if cuda_graphs_requested:
+        report.notes.append("cuda_graphs not applied: the graph runs in eager torch")
     record(report)
     if dump:
         dump.write("report.json", report.to_json())
