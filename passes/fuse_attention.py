@@ -271,7 +271,7 @@ class _Matcher:
         rows, keys = self.sizes.dim(scores_value, -2), self.sizes.dim(scores_value, -1)
         scores = self._peel(scores_value, 1.0, True)
         _check_fills_hold(scores.keeps)
-        value_product, value_rows = self._value_product(probabilities, sink_column, keys)
+        value_product, value_rows = self._value_product(probabilities, sink_column, keys, scores_value)
         queries, key_operands = self._score_operands(scores.products, batch, rows, keys)
         extra = self._row_blocks(value_rows, rows, keys, batch, "the probabilities")
         # A constant factor on v would scale the result, not the scores: v keeps it.
@@ -519,8 +519,10 @@ class _Matcher:
         return padded == out_shape
 
     # ---------------------------------------------------------------------- values
-    def _value_product(self, probabilities: Value, sink_column: bool, keys: Size) -> tuple[Operation, Value]:
-        """The p·v matmul the probabilities feed (only it), and the probabilities as it reads them."""
+    def _value_product(self, probabilities: Value, sink_column: bool, keys: Size,
+                       scores: Value) -> tuple[Operation, Value]:
+        """The p·v matmul the probabilities feed (only it), and the probabilities as it reads them;
+        `scores` is the softmax input."""
         value = probabilities
         sliced = not sink_column
         while True:
@@ -543,6 +545,8 @@ class _Matcher:
                 value = user.result
             elif user.name == "ft.matmul" and index == 0 and sliced:
                 return user, value
+            elif user.name == "ft.where" and _zeroes_unseen_rows(user, index, scores):
+                value = user.result
             else:
                 raise NearMiss(f"the probabilities go through {_describe_user(user, index)} before any p·v matmul")
 
@@ -703,6 +707,53 @@ def _through_casts(value: Value) -> Value:
     while isinstance(value, OpResult) and value.op.name == "ft.cast":
         value = value.op.operands[0]
     return value
+
+
+def _zeroes_unseen_rows(where: Operation, index: int, scores: Value) -> bool:
+    """Whether `where`, reading the probabilities as operand `index`, is torch's safe softmax:
+    0 for the rows whose scores are all -inf (`where(not(any(scores != -inf)), 0, p)`, or as
+    canonicalize leaves it, `where(any(...), p, 0)`).  ft.attention already gives a row that
+    sees no key 0."""
+    if index not in (1, 2) or _splat_number(where.operands[3 - index]) != 0.0:
+        return False
+    return _sees_a_key(where.operands[0], scores) == (index == 1)
+
+
+def _sees_a_key(condition: Value, scores: Value) -> bool | None:
+    """True if `condition` is "the row has a score above -inf", False if it is the negation,
+    None if it is neither (read through logical_not, and any / all over the key dim)."""
+    negated = _producer(condition, "ft.logical_not")
+    if negated is not None:
+        inner = _sees_a_key(negated.operands[0], scores)
+        return None if inner is None else not inner
+    reduction = _producer(condition, "ft.any", "ft.all")
+    if reduction is None or not _reduces_keys(reduction, scores):
+        return None
+    element = _is_unmasked(reduction.operands[0], scores)
+    if reduction.name == "ft.any":
+        return True if element else None  # any(scores == -inf) says nothing about the row
+    return False if element is False else None  # all(scores == -inf): the row sees nothing
+
+
+def _is_unmasked(condition: Value, scores: Value) -> bool | None:
+    """True if `condition` is `scores != -inf` elementwise, False if `scores == -inf`, else None."""
+    negated = _producer(condition, "ft.logical_not")
+    if negated is not None:
+        inner = _is_unmasked(negated.operands[0], scores)
+        return None if inner is None else not inner
+    compare = _producer(condition, "ft.eq", "ft.ne")
+    if compare is None:
+        return None
+    lhs, rhs = compare.operands
+    if (lhs is scores and _splat_number(rhs) == -math.inf) or (rhs is scores and _splat_number(lhs) == -math.inf):
+        return compare.name == "ft.ne"
+    return None
+
+
+def _reduces_keys(reduction: Operation, scores: Value) -> bool:
+    """Whether `reduction` reduces over the scores' last (key) dim only, keeping it."""
+    rank = scores.type.rank
+    return [d % rank for d in reduction.attributes["dims"]] == [rank - 1] and bool(reduction.attributes["keepdim"])
 
 
 def _describe_user(user: Operation, index: int) -> str:

@@ -354,8 +354,7 @@ def _clamp_tensor(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> Value
 @lowering("aten._to_copy.default", "prims.convert_element_type.default",
           ftir="`ft.cast` (none when only the device or layout changes)")
 def _to_copy(ctx: FXImporter, node: fx.Node, args: dict[str, Any]) -> Value:
-    source = args.get("self", args.get("a"))
-    return ctx.cast(ctx.value(source), ctx.dtype_of(node))
+    return ctx.operand(args.get("self", args.get("a")), ctx.dtype_of(node))  # a number (0.1): a 0-d constant
 
 
 @lowering("aten.clone.default", "aten.alias.default", "aten.lift_fresh_copy.default", "aten.detach.default",

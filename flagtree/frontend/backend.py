@@ -2,9 +2,10 @@
 
 Registered through the `torch_dynamo_backends` entry point (setup.py), so it works without
 importing flagtree first. Dynamo hands over a torch-level FX graph (the rank-3 tensors of its
-SDPA calls are lifted to rank 4 first: attention_rank.py); aot_autograd functionalizes it and
-decomposes it with torch's own tables into aten graphs (one for inference, or a forward and a
-backward when training), and each aten graph is compiled by `graph_compiler.compile_aten_graph`.
+SDPA calls are lifted to rank 4 first: attention_rank.py; flex_attention becomes its math:
+flex_attention.py); aot_autograd functionalizes it and decomposes it with torch's own tables
+into aten graphs (one for inference, or a forward and a backward when training), and each
+aten graph is compiled by `graph_compiler.compile_aten_graph`.
 
 Dynamic shapes: with `dynamic=True` the graphs carry symbolic sizes, which FTIR keeps as
 `?` dims; flagtree adds no guards of its own, so Dynamo's guards alone decide recompiles.
@@ -26,6 +27,7 @@ from flagtree.errors import OptionsError
 from flagtree.frontend.aten_mapping import EXTRA_DECOMPOSITIONS, KEPT_FROM_DECOMPOSITION, OWN_DECOMPOSITIONS
 from flagtree.frontend.attention_rank import lift_attention_to_rank4
 from flagtree.frontend.explicit_attention import route_explicit_attention
+from flagtree.frontend.flex_attention import route_flex_attention
 from flagtree.frontend.freezing import FrozenParameters, freeze_parameters
 from flagtree.frontend.graph_compiler import compile_aten_graph
 from flagtree.frontend.options import REDUCE_OVERHEAD, CompileOptions, check_mode
@@ -54,6 +56,7 @@ def flagtree_backend(
             )
         gm, example_inputs, frozen = freeze_parameters(gm, example_inputs)
     lift_attention_to_rank4(gm)
+    route_flex_attention(gm)
     route_training_attention(gm)
     gm = route_explicit_attention(gm, example_inputs, decomposition_table()) or gm
 
