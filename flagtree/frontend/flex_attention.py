@@ -8,8 +8,9 @@ applied through vmap, a safe softmax (rows that see no key give 0) and p·v.  ao
 traces the mods into ordinary ops, and fuse-attention turns the result into `ft.attention`
 where it can prove what they do (a causal or sliding-window mask, as for any explicit
 spelling); other mods (a bias, soft-capping) run as the unfused math, correct.  The outputs
-are the op's own (out, logsumexp, max scores), so the graph around it is unchanged, and a
-training graph differentiates the math (torch's flex_attention has no CPU backward).
+are the op's own (out, logsumexp, max scores), so the graph around it is unchanged; a
+training graph differentiates the math, unfused (on the CPU torch's flex_attention refuses
+inputs that need a gradient before any compiler sees the call).
 
 Both the op and `math_attention` are torch internals: where either is missing, nothing is
 rewritten and the graph runs in eager torch, counted.
