@@ -431,8 +431,8 @@ class FlashAttention:
                        **strides_of("o", out_strides),
                        HEAD_DV=head_dv, DV=shape.v_block, BLOCK_S=COMBINE_SPLITS, BLOCK_D=columns,
                        HAS_SINKS=sinks is not None, STORE_LSE=with_lse, num_warps=4)
-        return _Launch(FixedLaunch(kernel, (programs, splits), constants), out_shape, splits,
-                       constants["scratch_rows"], shape.v_block, descriptors, not config.dim_chunk,
+        return _Launch(FixedLaunch(kernel, (programs, splits), constants), out_shape, splits, shape.v_block,
+                       descriptors, not config.dim_chunk,
                        FixedLaunch(kernels.combine, (constants["scratch_rows"], shape.v_block // columns), combine),
                        with_lse)
 
@@ -444,7 +444,6 @@ class _Launch:
     attention: FixedLaunch  # the online or one-block kernel
     out_shape: tuple[int, int, int, int]
     splits: int
-    scratch_rows: int
     v_block: int
     descriptors: tuple[int, tuple[int, int, int]] | None  # (BLOCK_N, column widths) when K/V use descriptors
     online: bool  # the online kernel (which takes descriptor arguments)
@@ -461,7 +460,7 @@ class _Launch:
             sinks = sinks.contiguous()
         partial_acc = partial_stats = None
         if self.splits > 1:
-            rows = self.scratch_rows
+            rows = self.attention.fixed["scratch_rows"]
             partial_acc = torch.empty((self.splits, rows, self.v_block), dtype=torch.float32, device=q.device)
             partial_stats = torch.empty((self.splits, rows, 2), dtype=torch.float32, device=q.device)
         extra = {}

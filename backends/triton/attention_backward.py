@@ -346,8 +346,8 @@ class _BackwardPlan:
             grad_v = torch.empty((splits * self.batch, *t.v.shape[1:]), dtype=torch.float32, device=t.v.device)
         launch = self._launches.get(("kv", config, splits))
         if launch is None:
-            launch = self._launches[("kv", config, splits)] = self._key_launch(config, splits, grad_k.stride(),
-                                                                               grad_v.stride())
+            launch = self._launches[("kv", config, splits)] = self._key_launch(config, key_blocks, splits,
+                                                                               grad_k.stride(), grad_v.stride())
         launch(q=t.q, k=t.k, v=t.v, mask=t.mask, grad_out=t.grad_out, lse=t.lse, delta=delta, grad_k=grad_k,
                grad_v=grad_v)
         if splits == 1:
@@ -365,12 +365,12 @@ class _BackwardPlan:
                grad_q=grad_q)
         return grad_q
 
-
-    def _key_launch(self, config: BackwardConfig, splits: int, grad_k_strides: tuple[int, ...],
+    def _key_launch(self, config: BackwardConfig, key_blocks: int, splits: int, grad_k_strides: tuple[int, ...],
                     grad_v_strides: tuple[int, ...]) -> FixedLaunch:
-        """The KV kernel's launch with `config`, each GQA group split `splits` ways."""
+        """The KV kernel's launch with `config` over `key_blocks` blocks of keys, each GQA group split
+        `splits` ways."""
         indices = self.batch * self.kv_heads * splits
-        return FixedLaunch(self.kernels.backward_kv, (-(-self.skv // config.block_n) * indices,), dict(
+        return FixedLaunch(self.kernels.backward_kv, (key_blocks * indices,), dict(
             batches=self.batch, head_splits=splits,
             chunk=chunk_count(self.q_bytes * self.group // splits, indices, self.caps), **self.common,
             **self.column_blocks, **strides_of("dk", grad_k_strides), **strides_of("dv", grad_v_strides),
