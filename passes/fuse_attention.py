@@ -722,32 +722,36 @@ def _zeroes_unseen_rows(where: Operation, index: int, scores: Value) -> bool:
 def _sees_a_key(condition: Value, scores: Value) -> bool | None:
     """True if `condition` is "the row has a score above -inf", False if it is the negation,
     None if it is neither (read through logical_not, and any / all over the key dim)."""
-    negated = _producer(condition, "ft.logical_not")
-    if negated is not None:
-        inner = _sees_a_key(negated.operands[0], scores)
-        return None if inner is None else not inner
+    condition, negated = _unnegated(condition)
     reduction = _producer(condition, "ft.any", "ft.all")
     if reduction is None or not _reduces_keys(reduction, scores):
         return None
     element = _is_unmasked(reduction.operands[0], scores)
     if reduction.name == "ft.any":
-        return True if element else None  # any(scores == -inf) says nothing about the row
-    return False if element is False else None  # all(scores == -inf): the row sees nothing
+        sees = True if element else None  # any(scores == -inf) says nothing about the row
+    else:
+        sees = False if element is False else None  # all(scores == -inf): the row sees nothing
+    return None if sees is None else sees != negated
 
 
 def _is_unmasked(condition: Value, scores: Value) -> bool | None:
     """True if `condition` is `scores != -inf` elementwise, False if `scores == -inf`, else None."""
-    negated = _producer(condition, "ft.logical_not")
-    if negated is not None:
-        inner = _is_unmasked(negated.operands[0], scores)
-        return None if inner is None else not inner
+    condition, negated = _unnegated(condition)
     compare = _producer(condition, "ft.eq", "ft.ne")
     if compare is None:
         return None
     lhs, rhs = compare.operands
     if (lhs is scores and _splat_number(rhs) == -math.inf) or (rhs is scores and _splat_number(lhs) == -math.inf):
-        return compare.name == "ft.ne"
+        return (compare.name == "ft.ne") != negated
     return None
+
+
+def _unnegated(condition: Value) -> tuple[Value, bool]:
+    """`condition` with its chain of logical_nots taken off, and whether there was an odd number."""
+    negated = False
+    while (op := _producer(condition, "ft.logical_not")) is not None:
+        condition, negated = op.operands[0], not negated
+    return condition, negated
 
 
 def _reduces_keys(reduction: Operation, scores: Value) -> bool:
