@@ -123,10 +123,15 @@ def compile_aten_graph(
                                             cuda_graphs)
         report.notes.append(note)
     report.compile_seconds = time.perf_counter() - start
+    _publish(report, dump)
+    return CompiledGraph(executable, imported.arg_indices, imported.outputs)
+
+
+def _publish(report: Report, dump: GraphDump | None) -> None:
+    """Add `report` to flagtree.reports(), and to the graph's dump folder."""
     record(report)
     if dump:
         dump.write("report.json", report.to_json())
-    return CompiledGraph(executable, imported.arg_indices, imported.outputs)
 
 
 class EagerGraph:
@@ -156,9 +161,7 @@ def _eager_graph(gm: fx.GraphModule, graph: str, unsupported: UnsupportedGraph,
                     compile_seconds=time.perf_counter() - start, dump_dir=str(dump.folder) if dump else None)
     if cuda_graphs_requested:
         report.notes.append("cuda_graphs not applied: the graph runs in eager torch")
-    record(report)
-    if dump:
-        dump.write("report.json", report.to_json())
+    _publish(report, dump)
     return CompiledGraph(EagerGraph(gm, constants, arguments), [i for i in range(arguments) if i not in constants],
                          list(range(outputs)))
 
