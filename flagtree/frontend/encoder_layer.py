@@ -49,14 +49,11 @@ def transformer_encoder_layer(
         hidden = F.linear(x, ffn_weight_1, ffn_bias_1)
         return F.linear(F.gelu(hidden) if use_gelu else F.relu(hidden), ffn_weight_2, ffn_bias_2)
 
-    def norm_1(x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (embed_dim,), norm_weight_1, norm_bias_1, eps)
-
-    def norm_2(x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (embed_dim,), norm_weight_2, norm_bias_2, eps)
+    def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (embed_dim,), weight, bias, eps)
 
     if norm_first:
-        x = src + self_attention(norm_1(src))
-        return x + feed_forward(norm_2(x))
-    x = norm_1(src + self_attention(src))
-    return norm_2(x + feed_forward(x))
+        x = src + self_attention(norm(src, norm_weight_1, norm_bias_1))
+        return x + feed_forward(norm(x, norm_weight_2, norm_bias_2))
+    x = norm(src + self_attention(src), norm_weight_1, norm_bias_1)
+    return norm(x + feed_forward(x), norm_weight_2, norm_bias_2)
